@@ -1,0 +1,84 @@
+"""Kernel entry points of pagedserve.
+
+Every public function here picks the Triton kernel when its tensors live on CUDA and Triton is usable,
+and the pure-torch reference (``pagedserve.kernels.reference``) otherwise, so the engine runs unchanged on
+CPU. Set ``PAGEDSERVE_KERNELS=reference`` to force the reference everywhere (useful to bisect a mismatch).
+See ``reference.py`` for the tensor layouts every implementation shares.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pagedserve.kernels import reference
+
+__all__ = [
+    "write_kv_cache",
+    "paged_attention",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "use_triton",
+]
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton implementation should handle a tensor on this device."""
+    if not t.is_cuda or os.environ.get("PAGEDSERVE_KERNELS") == "reference":
+        return False
+    try:
+        from pagedserve.kernels import triton_ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _impl(t: torch.Tensor):
+    if use_triton(t):
+        from pagedserve.kernels import triton_ops
+
+        return triton_ops
+    return reference
+
+
+def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """Write this step's K/V ``[num_tokens, num_kv_heads, head_dim]`` into the paged cache by slot."""
+    _impl(key).write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=None,
+    max_query_len=None, max_seq_len=None,
+):
+    """Causal attention of packed variable-length queries over paged K/V (decode, prefill, extend).
+
+    ``max_query_len`` / ``max_seq_len`` are host-side upper bounds the caller already knows; GPU kernels use
+    them to pick a decode or prefill path and size their grid without a device-to-host sync.
+    """
+    return _impl(q).paged_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out,
+        max_query_len=max_query_len, max_seq_len=max_seq_len,
+    )
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm over the last dimension, fp32 statistics."""
+    return _impl(x).rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    """``residual += x``; returns ``(rms_norm(residual), residual)``."""
+    return _impl(x).fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache):
+    """Rotate-half RoPE on ``q [T, Hq, D]`` and ``k [T, Hk, D]`` from a ``[max_pos, D]`` cos|sin cache."""
+    return _impl(q).rotary_embedding(positions, q, k, cos_sin_cache)
+
+
+def silu_and_mul(x):
+    """``silu(gate) * up`` of a fused ``[..., 2d]`` gate/up projection."""
+    return _impl(x).silu_and_mul(x)
