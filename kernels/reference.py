@@ -64,7 +64,7 @@ def paged_attention(
     Covers decode (one query per sequence), prefill, chunked prefill and prefill after a prefix-cache hit:
     the K/V of this step's tokens must already be in the cache.
     """
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_heads = q.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     if out is None:

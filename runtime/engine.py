@@ -1,0 +1,168 @@
+"""EngineArgs (every user knob, validated) and EngineCore (schedule -> run -> update, one screen)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pagedserve.runtime.config import CacheConfig, SchedulerConfig, resolve_dtype
+from pagedserve.runtime.kv_cache_manager import KVCacheManager
+from pagedserve.runtime.loader import ModelSource, load_model_source
+from pagedserve.runtime.model_runner import ModelRunner, kv_bytes_per_token
+from pagedserve.runtime.request import Request, RequestStatus
+from pagedserve.runtime.sampling_params import SamplingParams
+from pagedserve.runtime.scheduler import RequestUpdate, Scheduler
+
+logger = logging.getLogger("pagedserve.engine")
+
+
+@dataclass
+class EngineArgs:
+    model: str
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    block_size: int = 16
+    num_kv_cache_tokens: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    long_prefill_token_threshold: int = 0
+    scheduling_policy: str = "fcfs"
+    device: str = "auto"
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    speculative_config: dict | None = None
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(model=model, **kwargs)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device: must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: cuda was asked for but no CUDA device is available")
+        return torch.device(self.device)
+
+
+class EngineCore:
+    """The inner loop: owns the scheduler (and through it the KV-cache manager) and the model runner."""
+
+    def __init__(self, args: EngineArgs, source: ModelSource | None = None) -> None:
+        t0 = time.monotonic()
+        if args.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not implemented yet in this build")
+        self.args = args
+        self.source = source or load_model_source(args.model)
+        cfg = self.source.config
+        self.device = args.resolve_device()
+        config_dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+        self.dtype = resolve_dtype(args.dtype, config_dtype, self.device)
+        self.max_model_len = self._resolve_max_model_len(cfg, args.max_model_len)
+        max_batched = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            max_model_len=self.max_model_len,
+            policy=args.scheduling_policy,
+            long_prefill_token_threshold=args.long_prefill_token_threshold,
+        )
+        self.cache_config = CacheConfig(
+            block_size=args.block_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            num_kv_cache_tokens=args.num_kv_cache_tokens,
+            enable_prefix_caching=args.enable_prefix_caching,
+        )
+        self.runner = ModelRunner(
+            cfg, self.source.iter_weights(), self.dtype, self.device, self.cache_config,
+            self.scheduler_config, seed=args.seed,
+        )
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv)
+        self.eos_token_ids = self.source.eos_token_ids
+        self.vocab_size = cfg.vocab_size
+        self.load_time_s = time.monotonic() - t0
+        capacity = num_blocks * args.block_size
+        per_tok = kv_bytes_per_token(cfg, self.dtype, self.runner.tp)
+        logger.info(
+            "model loaded in %.1fs (%s, %s on %s); KV cache: %d tokens (%d blocks of %d, %.2f GiB); "
+            "maximum concurrency for %d tokens per request: %.2fx",
+            self.load_time_s, type(self.runner.model).__name__, str(self.dtype).replace("torch.", ""),
+            self.device, capacity, num_blocks, args.block_size, capacity * per_tok / 2**30,
+            self.max_model_len, capacity / self.max_model_len,
+        )
+
+    @staticmethod
+    def _resolve_max_model_len(cfg, requested: int | None) -> int:
+        limit = getattr(cfg, "max_position_embeddings", None) or 2048
+        window = getattr(cfg, "sliding_window", None)
+        if window and getattr(cfg, "use_sliding_window", True):
+            # Sliding-window attention is not implemented: serve only lengths where it changes nothing.
+            limit = min(limit, int(window))
+        if requested is None:
+            return limit
+        if requested < 1 or requested > limit:
+            raise ValueError(f"max_model_len: must be in [1, {limit}] for this model, got {requested}")
+        return requested
+
+    # ----------------------------------------------------------------------------- requests
+    def make_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """Validate one request against the model; raises ValueError naming the problem."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt: must contain at least one token")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {n} tokens is too long for max_model_len={self.max_model_len} "
+                f"(at least one token must remain for the output)"
+            )
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        room = self.max_model_len - n
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        return Request(request_id, prompt_token_ids, params, max_tokens, self.eos_token_ids, arrival_time, priority)
+
+    def add_request(self, req: Request) -> None:
+        self.scheduler.add_request(req)
+
+    def abort_requests(self, req_ids: list[str]) -> None:
+        self.scheduler.abort_requests(req_ids)
+
+    def finish_requests(self, req_ids: list[str]) -> None:
+        """Stop requests the frontend saw finish (a stop string)."""
+        for rid in req_ids:
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ----------------------------------------------------------------------------- the step
+    def step(self) -> list[RequestUpdate]:
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            if sched_out.finished_req_ids:
+                self.runner.execute(sched_out)  # let the runner drop finished requests' state
+            return []
+        run_out = self.runner.execute(sched_out)
+        return self.scheduler.update(
+            sched_out, run_out.sampled_token_ids, run_out.logprobs, run_out.prompt_logprobs
+        )

@@ -1,0 +1,402 @@
+"""Load Llama-architecture GGUF files (llama.cpp's format) as Hugging Face-named tensors.
+
+A GGUF file carries everything a serving engine needs: hyper-parameters and tokenizer as key/value
+metadata, weights as (often block-quantized) tensors under llama.cpp's names. `load_gguf` reads the
+metadata into a transformers `LlamaConfig`, a fast tokenizer with the file's chat template and a
+generation-config dict; `GGUFModel.iter_weights` then streams the weights one tensor at a time,
+dequantized to the requested dtype, renamed to the Hugging Face Llama names and with llama.cpp's
+Q/K row permutation undone, so the engine's rotate-half RoPE matches HF transformers.
+
+The `gguf` package (llama.cpp's own Python reader) parses the file and memory-maps the tensor data;
+its `gguf.quants.dequantize` does the block dequantization, so there is no hand-written bit
+unpacking here to drift from llama.cpp's definition of each format.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Formats llama.cpp uses for dense Llama checkpoints and their common quantizations. Others
+# (K-quants, I-quants) are rejected by name rather than silently mis-read.
+SUPPORTED_TENSOR_TYPES = frozenset({"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"})
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_LAYER_TENSOR_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+# Llama 3.x files store their rope scaling as per-frequency divisors, not as metadata.
+_ROPE_FREQS = "rope_freqs.weight"
+_GENERATION_KEYS = {  # GGUF sampling defaults -> HF generation_config names
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.temp": "temperature",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+@dataclass
+class _TensorPlan:
+    hf_name: str
+    tensor: Any  # gguf.ReaderTensor
+    rope_heads: int | None  # set for q/k projections: rows to un-permute, in this many heads
+
+
+@dataclass
+class GGUFModel:
+    """A GGUF file opened for loading: metadata decoded, weights still on disk (memory-mapped)."""
+
+    path: Path
+    config: Any  # transformers.LlamaConfig
+    tokenizer: Any  # transformers.PreTrainedTokenizerFast
+    generation_config: dict[str, Any]
+    dtype: torch.dtype
+    metadata: dict[str, Any] = field(repr=False)
+    _plans: list[_TensorPlan] = field(repr=False)
+
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(hf_name, tensor)` in file order, one dequantized tensor alive at a time."""
+        from gguf.quants import dequantize
+
+        for plan in self._plans:
+            values = dequantize(plan.tensor.data, plan.tensor.tensor_type)
+            # F32 tensors come back as a read-only view of the memory map: copy those; quantized
+            # ones are fresh arrays that torch can adopt without a copy.
+            weight = torch.from_numpy(values) if values.flags.writeable else torch.tensor(values)
+            if plan.rope_heads is not None:
+                weight = _unpermute_rope_rows(weight, plan.rope_heads)
+            yield plan.hf_name, weight.to(self.dtype).contiguous()
+
+
+def load_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> GGUFModel:
+    """Open a Llama-architecture GGUF file: config, tokenizer and generation config now, weights lazily.
+
+    Raises `FileNotFoundError` for a missing file and `ValueError` naming the problem for anything
+    the engine cannot serve faithfully: another architecture, an unsupported tensor type, a
+    truncated or corrupt file, missing or mis-shaped tensors, or a `dtype` other than fp32/fp16/bf16.
+    """
+    path = Path(path)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got {dtype!r}")
+    reader = _open_reader(path)
+    metadata = _read_metadata(reader)
+    architecture = metadata.get("general.architecture")
+    if architecture != "llama":
+        raise ValueError(
+            f"{path.name}: GGUF architecture {architecture!r} is not supported; only 'llama' GGUF files "
+            "can be loaded (other architectures: use a Hugging Face model directory)"
+        )
+    if metadata.get("llama.expert_count", 0):
+        raise ValueError(f"{path.name}: mixture-of-experts 'llama' GGUF files (Mixtral) are not supported")
+
+    tensors = {t.name: t for t in reader.tensors}
+    _check_extents(path, tensors.values())
+    config = _build_config(path, metadata, tensors)
+    plans = _plan_tensors(path, tensors, config)
+    return GGUFModel(
+        path=path,
+        config=config,
+        tokenizer=_build_tokenizer(path, metadata),
+        generation_config=_generation_config(metadata),
+        dtype=dtype,
+        metadata=metadata,
+        _plans=plans,
+    )
+
+
+def _open_reader(path: Path):
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return GGUFReader(path)
+    except Exception as exc:  # the reader fails with whatever numpy/struct raises on bad bytes
+        raise ValueError(
+            f"{path} ({path.stat().st_size} bytes) is not a readable GGUF file: {exc}. "
+            "It may be truncated or corrupt (e.g. an interrupted download); download it again."
+        ) from exc
+
+
+def _read_metadata(reader) -> dict[str, Any]:
+    """Decode every key/value field into plain Python values (str, int, float, bool, lists)."""
+    from gguf import GGUFValueType
+
+    def scalar(part, value_type):
+        if value_type == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        return part[0].item()
+
+    metadata = {}
+    for key, fld in reader.fields.items():
+        if not fld.types:
+            continue
+        if fld.types[0] == GGUFValueType.ARRAY:
+            if len(fld.types) > 1 and fld.types[1] == GGUFValueType.ARRAY:
+                continue  # nested arrays: no Llama key uses them
+            metadata[key] = [scalar(fld.parts[i], fld.types[-1]) for i in fld.data]
+        else:
+            metadata[key] = scalar(fld.parts[fld.data[0]], fld.types[0])
+    return metadata
+
+
+def _check_extents(path: Path, tensors) -> None:
+    size = path.stat().st_size
+    for t in tensors:
+        end = t.data_offset + t.n_bytes
+        if end > size:
+            raise ValueError(
+                f"{path.name} is truncated: tensor {t.name} ends at byte {end} but the file has {size} bytes"
+            )
+
+
+def _build_config(path: Path, metadata: dict[str, Any], tensors: dict[str, Any]):
+    from transformers import LlamaConfig
+
+    def required(key: str):
+        if key not in metadata:
+            raise ValueError(f"{path.name}: required metadata key {key!r} is missing")
+        return metadata[key]
+
+    hidden_size = int(required("llama.embedding_length"))
+    num_heads = int(required("llama.attention.head_count"))
+    num_kv_heads = int(metadata.get("llama.attention.head_count_kv", num_heads))
+    head_dim = int(metadata.get("llama.attention.key_length", hidden_size // num_heads))
+    rotary_dim = int(metadata.get("llama.rope.dimension_count", head_dim))
+    if rotary_dim != head_dim:
+        raise ValueError(f"{path.name}: partial rotary embedding ({rotary_dim} of {head_dim}) is not supported")
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path.name}: tensor 'token_embd.weight' is missing")
+    vocab_size = int(tensors["token_embd.weight"].shape[1])  # ggml order: (hidden, vocab)
+    rope_theta = float(metadata.get("llama.rope.freq_base", 10000.0))
+    config = LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=int(required("llama.feed_forward_length")),
+        num_hidden_layers=int(required("llama.block_count")),
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(metadata.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position_embeddings=int(metadata.get("llama.context_length", 2048)),
+        rope_theta=rope_theta,
+        rope_scaling=_rope_scaling(path, metadata, tensors, rope_theta, head_dim),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
+    )
+    # transformers 5 folds rope_theta into config.rope_parameters; keep the flat name readable too.
+    if getattr(config, "rope_theta", None) is None:
+        config.rope_theta = rope_theta
+    return config
+
+
+def _rope_scaling(path: Path, metadata, tensors, rope_theta: float, head_dim: int) -> dict | None:
+    """HF `rope_scaling` from the `llama.rope.scaling.*` keys or a Llama 3 `rope_freqs` tensor."""
+    kind = metadata.get("llama.rope.scaling.type", "none")
+    factor = metadata.get("llama.rope.scaling.factor")
+    original = metadata.get("llama.rope.scaling.original_context_length")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": float(factor)}
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if f"llama.rope.scaling.{gguf_key}" in metadata:
+                scaling[hf_key] = float(metadata[f"llama.rope.scaling.{gguf_key}"])
+        return scaling
+    if kind != "none":
+        raise ValueError(f"{path.name}: rope scaling type {kind!r} is not supported for llama")
+    if _ROPE_FREQS not in tensors:
+        return None
+    from gguf.quants import dequantize
+
+    divisors = dequantize(tensors[_ROPE_FREQS].data, tensors[_ROPE_FREQS].tensor_type).astype(np.float64)
+    return _llama3_scaling_from_divisors(path, divisors.ravel(), rope_theta, head_dim, original or 8192)
+
+
+def _llama3_scaling_from_divisors(path: Path, divisors, rope_theta, head_dim, original: int) -> dict | None:
+    """Recover HF's llama3 rope parameters from llama.cpp's per-frequency divisors.
+
+    In the band between the two wavelength thresholds 1/divisor is linear in 1/wavelength; two points
+    of that band fix low/high_freq_factor for the chosen original context (any choice of it gives the
+    same frequencies). The recovered parameters are checked by recomputing every divisor.
+    """
+    inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if divisors.shape != inv_freq.shape:
+        raise ValueError(f"{path.name}: {_ROPE_FREQS} has {divisors.size} entries, expected {inv_freq.size}")
+    factor = float(divisors.max())
+    if math.isclose(factor, 1.0, rel_tol=1e-6) and math.isclose(divisors.min(), 1.0, rel_tol=1e-6):
+        return None
+    band = (divisors > 1 + 1e-4) & (divisors < factor * (1 - 1e-4))
+    if band.sum() < 2:
+        raise ValueError(f"{path.name}: {_ROPE_FREQS} has too few smoothed frequencies to recover llama3 scaling")
+    x = inv_freq[band] / (2 * math.pi)  # 1 / wavelength
+    smooth = (1 / divisors[band] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(x, smooth, 1)
+    low_freq_factor = -intercept * original / slope
+    high_freq_factor = low_freq_factor + original / slope
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": float(low_freq_factor),
+        "high_freq_factor": float(high_freq_factor),
+        "original_max_position_embeddings": int(original),
+    }
+    if not np.allclose(_llama3_divisors(inv_freq, scaling), divisors, rtol=1e-4):
+        raise ValueError(f"{path.name}: {_ROPE_FREQS} does not follow Llama 3 rope scaling; unsupported")
+    return scaling
+
+
+def _llama3_divisors(inv_freq, scaling: dict):
+    wavelen = 2 * math.pi / inv_freq
+    original = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
+    return 1.0 / ((1 - smooth) / factor + smooth)
+
+
+def _plan_tensors(path: Path, tensors: dict[str, Any], config) -> list[_TensorPlan]:
+    """Map, type-check and shape-check every tensor up front so errors surface at load, not mid-stream."""
+    expected = _expected_shapes(config)
+    plans, unknown = [], []
+    for name, tensor in tensors.items():
+        if name == _ROPE_FREQS:
+            continue
+        hf_name = _hf_name(name)
+        if hf_name is None or hf_name not in expected:
+            unknown.append(name)
+            continue
+        type_name = tensor.tensor_type.name
+        if type_name not in SUPPORTED_TENSOR_TYPES:
+            raise ValueError(
+                f"{path.name}: tensor {name} has type {type_name}, which is not supported "
+                f"(supported: {', '.join(sorted(SUPPORTED_TENSOR_TYPES))})"
+            )
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if shape != expected[hf_name]:
+            raise ValueError(f"{path.name}: tensor {name} has shape {shape}, expected {expected[hf_name]}")
+        rope_heads = None
+        if hf_name.endswith("q_proj.weight"):
+            rope_heads = config.num_attention_heads
+        elif hf_name.endswith("k_proj.weight"):
+            rope_heads = config.num_key_value_heads
+        plans.append(_TensorPlan(hf_name, tensor, rope_heads))
+    if unknown:
+        raise ValueError(f"{path.name}: tensors with no Llama counterpart: {', '.join(sorted(unknown))}")
+    missing = set(expected) - {p.hf_name for p in plans} - {"lm_head.weight"}
+    if missing:
+        raise ValueError(f"{path.name}: missing tensors for {', '.join(sorted(missing))}")
+    return plans
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    match = _LAYER_TENSOR_RE.fullmatch(gguf_name)
+    if match is None or match.group(2) not in _LAYER_TENSORS:
+        return None
+    return f"model.layers.{match.group(1)}.{_LAYER_TENSORS[match.group(2)]}.weight"
+
+
+def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_rows = config.num_attention_heads * config.head_dim
+    kv_rows = config.num_key_value_heads * config.head_dim
+    shapes = {
+        "model.embed_tokens.weight": (config.vocab_size, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (config.vocab_size, hidden),
+    }
+    per_layer = {
+        "self_attn.q_proj": (q_rows, hidden),
+        "self_attn.k_proj": (kv_rows, hidden),
+        "self_attn.v_proj": (kv_rows, hidden),
+        "self_attn.o_proj": (hidden, q_rows),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+        "input_layernorm": (hidden,),
+        "post_attention_layernorm": (hidden,),
+    }
+    for i in range(config.num_hidden_layers):
+        for module, shape in per_layer.items():
+            shapes[f"model.layers.{i}.{module}.weight"] = shape
+    return shapes
+
+
+def _unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row order for interleaved RoPE (pairs 2i, 2i+1) back to HF's halves (i, i+d/2)."""
+    rows = weight.shape[0]
+    head_dim = rows // num_heads
+    return weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _build_tokenizer(path: Path, metadata: dict[str, Any]):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:
+        model = metadata.get("tokenizer.ggml.model")
+        raise ValueError(f"{path.name}: cannot build a tokenizer (tokenizer.ggml.model={model!r}): {exc}") from exc
+    # Set it ourselves: older transformers releases drop the template while converting.
+    template = metadata.get("tokenizer.chat_template")
+    named = {
+        key.removeprefix("tokenizer.chat_template."): value
+        for key, value in metadata.items()
+        if key.startswith("tokenizer.chat_template.")
+    }
+    if template is not None and named:
+        tokenizer.chat_template = {"default": template, **named}
+    elif template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def _generation_config(metadata: dict[str, Any]) -> dict[str, Any]:
+    """bos/eos/pad ids and sampling defaults; eos also lists end-of-turn/message tokens, as HF configs do."""
+    generation: dict[str, Any] = {}
+    if "tokenizer.ggml.bos_token_id" in metadata:
+        generation["bos_token_id"] = metadata["tokenizer.ggml.bos_token_id"]
+    eos = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        if token_id is not None and token_id not in eos:
+            eos.append(token_id)
+    if eos:
+        generation["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if "tokenizer.ggml.padding_token_id" in metadata:
+        generation["pad_token_id"] = metadata["tokenizer.ggml.padding_token_id"]
+    for gguf_key, hf_key in _GENERATION_KEYS.items():
+        if gguf_key in metadata:
+            generation[hf_key] = metadata[gguf_key]
+    if any(key in generation for key in ("temperature", "top_k", "top_p", "min_p")):
+        generation["do_sample"] = True
+    return generation

@@ -1,0 +1,254 @@
+"""ModelRunner: owns the model, the KV tensors, input preparation and the sampler.
+
+It never decides what to run: it executes a SchedulerOutput. Per-request state lives in a persistent
+batch (a row of a preallocated block table per request) so a decode step costs O(batch) numpy work, not a
+rebuild of every block table.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pagedserve.runtime.config import CacheConfig, SchedulerConfig
+from pagedserve.runtime.layers import AttentionMetadata
+from pagedserve.runtime.models import get_model_class
+from pagedserve.runtime.parallel import SINGLE, TPGroup
+from pagedserve.runtime.sampler import Sampler, SamplingRow, compute_logprobs
+from pagedserve.runtime.sampling_params import SamplingParams
+from pagedserve.runtime.scheduler import SchedulerOutput
+
+logger = logging.getLogger("pagedserve.runner")
+
+
+@dataclass
+class RequestState:
+    row: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: tuple[int, ...]
+    num_blocks: int = 0
+    prompt_logprobs: list = field(default_factory=list)
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: list[int]  # aligned with SchedulerOutput.req_ids; -1 where nothing was sampled
+    logprobs: list | None
+    prompt_logprobs: dict[str, list] | None
+
+
+def kv_bytes_per_token(hf_config, dtype: torch.dtype, tp: TPGroup) -> int:
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    kv_heads_per_rank = max(1, kv_heads // tp.size)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * hf_config.num_hidden_layers * kv_heads_per_rank * head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        hf_config,
+        weights,
+        dtype: torch.dtype,
+        device: torch.device,
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig,
+        tp: TPGroup = SINGLE,
+        seed: int = 0,
+    ) -> None:
+        self.hf_config = hf_config
+        self.dtype = dtype
+        self.device = device
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.tp = tp
+        torch.manual_seed(seed)
+        cls = get_model_class(getattr(hf_config, "architectures", None))
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                self.model = cls(hf_config, tp)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        self.model.load_weights(weights)
+        self.model.eval()
+        self.vocab_size = hf_config.vocab_size
+        self.sampler = Sampler(self.vocab_size, device, seed)
+        self.requests: dict[str, RequestState] = {}
+        max_len = scheduler_config.max_model_len
+        self.max_blocks_per_seq = -(-max_len // self.block_size)
+        self.max_rows = scheduler_config.max_num_seqs
+        self.block_table = np.zeros((self.max_rows, self.max_blocks_per_seq), dtype=np.int32)
+        self.free_rows = list(range(self.max_rows - 1, -1, -1))
+        self.num_blocks = 0
+
+    # ----------------------------------------------------------------------------- KV cache
+    def determine_num_blocks(self) -> int:
+        """KV capacity in blocks: explicit on CPU, profiled against gpu_memory_utilization on CUDA."""
+        per_block = kv_bytes_per_token(self.hf_config, self.dtype, self.tp) * self.block_size
+        cc = self.cache_config
+        if cc.num_kv_cache_tokens is not None:
+            return -(-cc.num_kv_cache_tokens // self.block_size)
+        if self.device.type != "cuda":
+            # CPU default: 1 GiB of KV, but never less than one full-length sequence.
+            min_blocks = self.max_blocks_per_seq
+            return max(min_blocks, (1 << 30) // per_block)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_run()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        budget = total * cc.gpu_memory_utilization - peak - max(non_torch, 0)
+        num = int(budget // per_block)
+        if num < self.max_blocks_per_seq:
+            raise ValueError(
+                f"not enough GPU memory for the KV cache of one {self.scheduler_config.max_model_len}-token "
+                f"sequence ({num} blocks fit); raise gpu_memory_utilization or lower max_model_len"
+            )
+        return num
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        n = min(self.scheduler_config.max_num_batched_tokens, self.scheduler_config.max_model_len)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)
+        hidden = self.model(ids, pos, None)
+        self.model.compute_logits(hidden[-self.scheduler_config.max_num_seqs:])
+        torch.cuda.synchronize(self.device)
+        del hidden
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.kv_caches = []
+        for attn in self.model.layers_attention():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_caches.append((attn.k_cache, attn.v_cache))
+
+    # ----------------------------------------------------------------------------- state
+    def _add_request(self, nr) -> None:
+        if not self.free_rows:
+            raise RuntimeError("persistent batch is full: more running requests than max_num_seqs")
+        gen = None
+        if nr.sampling_params.seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(nr.sampling_params.seed)
+        old = self.requests.pop(nr.req_id, None)
+        if old is not None:  # resumed after preemption: its blocks are new, its output is kept
+            self.free_rows.append(old.row)
+            if old.generator is not None:
+                gen = old.generator
+        self.requests[nr.req_id] = RequestState(
+            self.free_rows.pop(), nr.sampling_params, gen, nr.prompt_token_ids, list(nr.output_token_ids),
+            nr.eos_token_ids,
+        )
+
+    def _remove_request(self, req_id: str) -> None:
+        st = self.requests.pop(req_id, None)
+        if st is not None:
+            self.free_rows.append(st.row)
+
+    # ----------------------------------------------------------------------------- execute
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        for rid in so.finished_req_ids:
+            self._remove_request(rid)
+        for nr in so.new_reqs:
+            self._add_request(nr)
+        if so.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput([], None, None)
+        bs = self.block_size
+        states = [self.requests[rid] for rid in so.req_ids]
+        table = self.block_table
+        for st, new_ids in zip(states, so.new_block_ids, strict=True):
+            if new_ids:
+                n = len(new_ids)
+                table[st.row, st.num_blocks:st.num_blocks + n] = new_ids
+                st.num_blocks += n
+        rows = np.fromiter((st.row for st in states), dtype=np.int64, count=len(states))
+        num_sched = np.asarray(so.num_scheduled_tokens, dtype=np.int64)
+        starts = np.asarray(so.num_computed_tokens, dtype=np.int64)
+        total = int(num_sched.sum())
+        cu = np.zeros(len(states) + 1, dtype=np.int64)
+        np.cumsum(num_sched, out=cu[1:])
+        # positions: for each request, start .. start + n - 1
+        token_req = np.repeat(np.arange(len(states)), num_sched)
+        positions = np.arange(total, dtype=np.int64) - cu[token_req] + starts[token_req]
+        block_tables = table[rows]
+        slots = block_tables[token_req, positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = starts + num_sched
+        input_ids = [t for ids in so.token_ids for t in ids]
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(block_tables[:, : int(-(-seq_lens.max() // bs))]).to(dev),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
+            query_start_loc=torch.from_numpy(cu.astype(np.int32)).to(dev),
+            max_query_len=int(num_sched.max()),
+            max_seq_len=int(seq_lens.max()),
+        )
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.from_numpy(positions).to(dev)
+        hidden = self.model(ids_t, pos_t, meta)
+
+        sample_idx = [i for i, s in enumerate(so.do_sample) if s]
+        plp_reqs = [
+            i for i, st in enumerate(states)
+            if st.params.prompt_logprobs is not None and starts[i] < len(st.prompt_token_ids)
+        ]
+        prompt_logprobs = self._prompt_logprobs(so, states, hidden, cu, plp_reqs) if plp_reqs else None
+
+        sampled = [-1] * len(states)
+        logprobs = None
+        if sample_idx:
+            last = torch.from_numpy(cu[1:][sample_idx] - 1).to(dev)
+            logits = self.model.compute_logits(hidden.index_select(0, last))
+            rows_in = []
+            for i in sample_idx:
+                st = states[i]
+                p = st.params
+                suppressed = []
+                if len(st.output_token_ids) < p.min_tokens:
+                    suppressed = list(p.stop_token_ids) + ([] if p.ignore_eos else list(st.eos_token_ids))
+                rows_in.append(SamplingRow(p, st.generator, st.prompt_token_ids, st.output_token_ids, suppressed))
+            out = self.sampler(logits, rows_in)
+            for j, i in enumerate(sample_idx):
+                sampled[i] = out.token_ids[j]
+                states[i].output_token_ids.append(out.token_ids[j])
+            if any(lp is not None for lp in out.logprobs):
+                logprobs = [None] * len(states)
+                for j, i in enumerate(sample_idx):
+                    logprobs[i] = out.logprobs[j]
+        return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(self, so, states, hidden, cu, plp_reqs) -> dict[str, list]:
+        """Logprob of each prompt token given the tokens before it (None for the first), chunk by chunk."""
+        result: dict[str, list] = {}
+        for i in plp_reqs:
+            st = states[i]
+            start = so.num_computed_tokens[i]
+            n = so.num_scheduled_tokens[i]
+            prompt = st.prompt_token_ids
+            # Position p predicts token p + 1; only those inside the prompt count.
+            end = min(start + n, len(prompt) - 1)
+            entries: list = [None] if start == 0 else []
+            if end > start:
+                h = hidden[int(cu[i]): int(cu[i]) + (end - start)]
+                lp = torch.log_softmax(self.model.compute_logits(h).float(), dim=-1)
+                targets = prompt[start + 1: end + 1]
+                for j, tok in enumerate(targets):
+                    entries.append(compute_logprobs(lp[j], torch.tensor(tok), st.params.prompt_logprobs))
+            result[so.req_ids[i]] = entries
+        return result

@@ -1,0 +1,344 @@
+"""Continuous-batching scheduler: one token budget per step, chunked prefill mixed with decodes,
+prefix-cache hits, preemption by recompute, FCFS or priority order.
+
+Never touches tensors. Its output describes the step completely (token ids included), so it can be sent
+to tensor-parallel workers as is.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedserve.runtime.config import SchedulerConfig
+from pagedserve.runtime.kv_cache_manager import KVCacheManager
+from pagedserve.runtime.request import Request, RequestStatus
+from pagedserve.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen (or has forgotten after preemption)."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: which requests run, how many tokens each, their new blocks, and their input tokens."""
+
+    new_reqs: list[NewRequestData] = field(default_factory=list)
+    req_ids: list[str] = field(default_factory=list)
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)  # before this step
+    token_ids: list[list[int]] = field(default_factory=list)  # this step's input tokens per request
+    new_block_ids: list[list[int]] = field(default_factory=list)  # appended to each block table
+    do_sample: list[bool] = field(default_factory=list)  # False for a prefill chunk short of the end
+    finished_req_ids: list[str] = field(default_factory=list)  # since the last step: drop their state
+    total_num_scheduled_tokens: int = 0
+    num_preempted: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class RequestUpdate:
+    """What one step produced for one request."""
+
+    req_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
+    num_cached_tokens: int = 0
+
+
+class WaitingQueue:
+    """FCFS deque or a priority heap (lower ``priority`` first, then arrival), with front re-insertion."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self._deque: deque[Request] = deque()
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._seq = itertools.count()
+        self._removed: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._deque) if self.policy == "fcfs" else len(self._heap)
+
+    def add(self, req: Request) -> None:
+        if self.policy == "fcfs":
+            self._deque.append(req)
+        else:
+            heapq.heappush(self._heap, (req.priority, req.arrival_time, next(self._seq), req))
+
+    def add_front(self, req: Request) -> None:
+        """A preempted request goes back ahead of the others (under priority, its key already orders it)."""
+        if self.policy == "fcfs":
+            self._deque.appendleft(req)
+        else:
+            self.add(req)
+
+    def peek(self) -> Request:
+        return self._deque[0] if self.policy == "fcfs" else self._heap[0][3]
+
+    def pop(self) -> Request:
+        return self._deque.popleft() if self.policy == "fcfs" else heapq.heappop(self._heap)[3]
+
+    def remove(self, req: Request) -> None:
+        if self.policy == "fcfs":
+            self._deque.remove(req)
+        else:
+            self._heap = [e for e in self._heap if e[3] is not req]
+            heapq.heapify(self._heap)
+
+    def __iter__(self):
+        return iter(self._deque) if self.policy == "fcfs" else (e[3] for e in sorted(self._heap))
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.requests: dict[str, Request] = {}
+        self.waiting = WaitingQueue(config.policy)
+        self.running: list[Request] = []
+        self._finished_since_last_step: list[str] = []
+        self.num_preemptions = 0
+
+    # ----------------------------------------------------------------------------- bookkeeping
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.add(req)
+
+    def abort_requests(self, req_ids: list[str]) -> list[Request]:
+        aborted = []
+        running_aborted = False
+        for rid in req_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                running_aborted = True
+            else:
+                self.waiting.remove(req)
+            req.status = RequestStatus.FINISHED_ABORTED
+            self._free(req)
+            aborted.append(req)
+        if running_aborted:
+            self.running = [r for r in self.running if not r.is_finished]
+        return aborted
+
+    def _free(self, req: Request) -> None:
+        self.kv.free(req)
+        del self.requests[req.request_id]
+        self._finished_since_last_step.append(req.request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ----------------------------------------------------------------------------- schedule
+    def _pick_victim(self, candidates: list[Request]) -> Request:
+        if self.config.policy == "priority":
+            return max(candidates, key=lambda r: (r.priority, r.arrival_time))
+        return candidates[-1]
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add_front(req)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_req_ids=self._finished_since_last_step)
+        self._finished_since_last_step = []
+        budget = self.config.max_num_batched_tokens
+        kv = self.kv
+        long_cap = self.config.long_prefill_token_threshold
+
+        # 1. Running requests, in order; preempt from the back when blocks run out.
+        scheduled: list[Request] = []
+        preempted: set[str] = set()
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            num_new = req.num_tokens - req.num_computed_tokens
+            if long_cap and num_new > long_cap:
+                num_new = long_cap
+            if num_new > budget:
+                num_new = budget
+            if num_new <= 0:
+                i += 1
+                continue
+            new_ids = kv.allocate_slots(req, num_new)
+            while new_ids is None:
+                candidates = running[i + 1:]
+                if not candidates:
+                    break
+                victim = self._pick_victim(candidates)
+                running.remove(victim)
+                self._preempt(victim)
+                preempted.add(victim.request_id)
+                new_ids = kv.allocate_slots(req, num_new)
+            if new_ids is None:
+                # Nothing left to preempt but the request itself.
+                running.pop(i)
+                self._preempt(req)
+                preempted.add(req.request_id)
+                continue
+            self._add_to_output(out, req, num_new, new_ids)
+            scheduled.append(req)
+            budget -= num_new
+            i += 1
+
+        # 2. Waiting requests, while budget, sequence slots and blocks last (not in a step that preempted).
+        if not preempted:
+            self._schedule_waiting(out, budget, long_cap)
+        out.num_preempted = len(preempted)
+        return out
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, long_cap: int) -> None:
+        kv = self.kv
+        waiting = self.waiting
+        now = time.monotonic()
+        while len(waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = waiting.peek()
+            hits, num_hit_tokens = kv.get_computed_blocks(req)
+            num_new = req.num_tokens - num_hit_tokens
+            if long_cap and num_new > long_cap:
+                num_new = long_cap
+            num_new = min(num_new, budget)
+            new_ids = kv.allocate_slots(req, num_new, hits)
+            if new_ids is None:
+                break
+            waiting.pop()
+            if kv.enable_prefix_caching:
+                kv.prefix_cache_queries += req.num_tokens
+                kv.prefix_cache_hits += num_hit_tokens
+            req.num_computed_tokens = num_hit_tokens
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit_tokens
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.new_reqs.append(
+                NewRequestData(
+                    req.request_id,
+                    req.prompt_token_ids,
+                    req.output_token_ids,
+                    req.sampling_params,
+                    req.eos_token_ids,
+                )
+            )
+            self._add_to_output(out, req, num_new, new_ids)
+            budget -= num_new
+
+    @staticmethod
+    def _add_to_output(out: SchedulerOutput, req: Request, num_new: int, new_ids: list[int]) -> None:
+        start = req.num_computed_tokens
+        out.req_ids.append(req.request_id)
+        out.num_scheduled_tokens.append(num_new)
+        out.num_computed_tokens.append(start)
+        end = start + num_new
+        out.token_ids.append(req.all_token_ids[start:end])
+        out.new_block_ids.append(new_ids)
+        out.do_sample.append(end == len(req.all_token_ids))
+        out.total_num_scheduled_tokens += num_new
+
+    # ----------------------------------------------------------------------------- update
+    def update(
+        self,
+        out: SchedulerOutput,
+        sampled: list[int],
+        logprobs: list | None = None,
+        prompt_logprobs: dict[str, list] | None = None,
+    ) -> list[RequestUpdate]:
+        """Advance each scheduled request by its computed tokens and append its sampled token.
+
+        ``sampled[i]`` is the token sampled for ``out.req_ids[i]`` (ignored where ``do_sample`` is False).
+        """
+        updates: list[RequestUpdate] = []
+        requests = self.requests
+        max_model_len = self.config.max_model_len
+        any_finished = False
+        now = None
+        for i, rid in enumerate(out.req_ids):
+            req = requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += out.num_scheduled_tokens[i]
+            plp = prompt_logprobs.get(rid) if prompt_logprobs else None
+            if not out.do_sample[i]:
+                if plp:
+                    updates.append(RequestUpdate(rid, [], prompt_logprobs=plp))
+                continue
+            token = sampled[i]
+            req.all_token_ids.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now = now or time.monotonic()
+            num_out = len(req.all_token_ids) - len(req.prompt_token_ids)
+            params = req.sampling_params
+            finish = None
+            if num_out >= params.min_tokens:
+                if not params.ignore_eos and token in req.eos_token_ids:
+                    finish = RequestStatus.FINISHED_STOPPED
+                elif token in params.stop_token_ids:
+                    finish = RequestStatus.FINISHED_STOPPED
+                    req.stop_reason = token
+            if finish is None and (num_out >= req.max_tokens or len(req.all_token_ids) >= max_model_len):
+                finish = RequestStatus.FINISHED_LENGTH_CAPPED
+            upd = RequestUpdate(
+                rid,
+                [token],
+                logprobs=[logprobs[i]] if logprobs is not None and logprobs[i] is not None else None,
+                prompt_logprobs=plp,
+                num_cached_tokens=max(req.num_cached_tokens, 0),
+            )
+            if finish is not None:
+                req.status = finish
+                upd.finish_reason = finish.finish_reason
+                upd.stop_reason = req.stop_reason
+                self._free(req)
+                any_finished = True
+            updates.append(upd)
+        if any_finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return updates
+
+    def finish_request(self, req_id: str, status: RequestStatus, stop_reason=None) -> None:
+        """Finish a request from outside the step (a stop string seen by the detokenizer)."""
+        req = self.requests.get(req_id)
+        if req is None or req.is_finished:
+            return
+        was_running = req.status == RequestStatus.RUNNING
+        if not was_running:
+            self.waiting.remove(req)
+        req.status = status
+        req.stop_reason = stop_reason
+        self._free(req)
+        if was_running:
+            self.running = [r for r in self.running if not r.is_finished]
