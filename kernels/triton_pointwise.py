@@ -1,0 +1,189 @@
+"""Memory-bound per-token kernels in Triton: KV-cache write by slot, rotary embedding, SiLU-and-multiply.
+
+Each reads its inputs once and writes its outputs once: K and V of a token go to the cache in one program,
+q and k of a token are rotated in one program, and the gate/up halves are combined in one pass. Rotary and
+SiLU round intermediate results to the activation dtype where the reference (HF) does, so outputs match it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+@triton.jit
+def _write_kv_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    num_kv_heads,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+    BLOCK_SIZE: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, DIM_PAD)[None, :]
+    mask = (h < num_kv_heads) & (d < HEAD_DIM)
+    t = token.to(tl.int64)
+    k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(k_cache_ptr + block * stride_kcb + offset * stride_kct + h * stride_kch + d,
+             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + block * stride_vcb + offset * stride_vct + h * stride_vch + d,
+             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into the paged cache by slot.
+
+    A negative slot skips its token (padding in a CUDA-graph batch, say).
+    """
+    if key.dim() != 3 or value.shape != key.shape or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"expected key/value [num_tokens, num_kv_heads, head_dim] and caches "
+            f"[num_blocks, block_size, num_kv_heads, head_dim]; got {tuple(key.shape)}, "
+            f"{tuple(value.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    if key.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"key heads/head_dim {tuple(key.shape[1:])} != cache {tuple(k_cache.shape[2:])}")
+    if slot_mapping.shape != (key.shape[0],):
+        raise ValueError(f"slot_mapping must be [{key.shape[0]}], got {tuple(slot_mapping.shape)}")
+    for name, t in (("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim")
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    _write_kv_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping, num_kv_heads,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        BLOCK_SIZE=k_cache.shape[1], HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+        DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
+    )
+
+
+# ------------------------------------------------------------------------------------------- rotary
+@triton.jit
+def _rotate_heads(x_ptr, out_ptr, num_heads, stride_h, cos, sin, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                  HEADS_PAD: tl.constexpr):
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    j = tl.arange(0, HALF_PAD)[None, :]
+    mask = (h < num_heads) & (j < HALF)
+    dtype = out_ptr.dtype.element_ty
+    x1 = tl.load(x_ptr + h * stride_h + j, mask=mask, other=0.0)
+    x2 = tl.load(x_ptr + h * stride_h + HALF + j, mask=mask, other=0.0)
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    # x * cos + rotate_half(x) * sin, each product rounded to the activation dtype as in the reference.
+    o1 = (x1f * cos).to(dtype).to(tl.float32) + (-x2f * sin).to(dtype).to(tl.float32)
+    o2 = (x2f * cos).to(dtype).to(tl.float32) + (x1f * sin).to(dtype).to(tl.float32)
+    out_row = out_ptr + h * (2 * HALF)
+    tl.store(out_row + j, o1.to(dtype), mask=mask)
+    tl.store(out_row + HALF + j, o2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    positions_ptr, q_ptr, k_ptr, cos_sin_ptr, q_out_ptr, k_out_ptr,
+    num_q_heads, num_k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, QH_PAD: tl.constexpr, KH_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    j = tl.arange(0, HALF_PAD)[None, :]
+    dtype = q_out_ptr.dtype.element_ty
+    # The reference casts cos/sin to the activation dtype before multiplying.
+    cos = tl.load(cos_sin_ptr + pos * stride_cache + j, mask=j < HALF, other=0.0).to(dtype).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * stride_cache + HALF + j, mask=j < HALF, other=0.0)
+    sin = sin.to(dtype).to(tl.float32)
+    _rotate_heads(q_ptr + token * stride_qt, q_out_ptr + token * num_q_heads * 2 * HALF, num_q_heads,
+                  stride_qh, cos, sin, HALF, HALF_PAD, QH_PAD)
+    _rotate_heads(k_ptr + token * stride_kt, k_out_ptr + token * num_k_heads * 2 * HALF, num_k_heads,
+                  stride_kh, cos, sin, HALF, HALF_PAD, KH_PAD)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate-half) RoPE on ``q [T, Hq, D]`` and ``k [T, Hk, D]``; returns new tensors.
+
+    ``q`` and ``k`` may be strided views (slices of a fused qkv projection); see ``reference.rotary_embedding``.
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"expected q [T, Hq, D] and k [T, Hk, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim or head_dim % 2:
+        raise ValueError(f"cos_sin_cache must be [max_position, {head_dim}], got {tuple(cos_sin_cache.shape)}")
+    if positions.shape != (num_tokens,):
+        raise ValueError(f"positions must be [{num_tokens}], got {tuple(positions.shape)}")
+    if k.dtype != q.dtype:
+        raise ValueError(f"q and k dtypes differ: {q.dtype} vs {k.dtype}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if cos_sin_cache.stride(-1) != 1:
+        cos_sin_cache = cos_sin_cache.contiguous()
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if num_tokens == 0:
+        return q_out, k_out
+    half = head_dim // 2
+    _rotary_kernel[(num_tokens,)](
+        positions, q, k, cos_sin_cache, q_out, k_out,
+        num_q_heads, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        HALF=half, HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(num_q_heads),
+        KH_PAD=triton.next_power_of_2(k.shape[1]), num_warps=4,
+    )
+    return q_out, k_out
+
+
+# ------------------------------------------------------------------------------------- SiLU and mul
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    dtype = out_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)  # rounded, as torch's silu in bf16
+    tl.store(out_ptr + row * d + cols, (silu * up).to(dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2d]`` (the fused gate/up projection)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"last dimension must be even (gate|up), got {x.shape[-1]}")
+    d = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], d, dtype=x.dtype, device=x.device)
+    rows = x.reshape(-1, 2 * d) if x.dim() != 2 else x
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if rows.shape[0] == 0 or d == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(d))
+    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
+        rows, out, d, rows.stride(0), BLOCK=block, num_warps=4,
+    )
+    return out
+
+
+__all__ = ["write_kv_cache", "rotary_embedding", "silu_and_mul"]

@@ -1,0 +1,324 @@
+"""The Triton kernels against the torch reference, computed in fp32 on the same random inputs.
+
+On a machine with CUDA the kernels run compiled on the GPU with larger shapes. Without CUDA (CI) they run
+under the Triton interpreter (``TRITON_INTERPRET=1``) on CPU tensors and small shapes: nothing here is
+skipped for lack of a GPU. The interpreter must be chosen before the kernels are decorated, so
+``_load_kernels`` sets the variable, (re)imports the kernel modules if an earlier import compiled them for a
+GPU, and fails loudly if any kernel is still not interpreted.
+
+Every output is poisoned with NaN first; errors are ‖out − ref‖ / ‖ref‖ with the bounds of the device
+docs' METHOD.md (bf16 operands within 1e-2; fp16 tighter).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from pagedserve.kernels import reference
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+KERNEL_MODULES = (
+    "pagedserve.kernels.triton_attention",
+    "pagedserve.kernels.triton_norm",
+    "pagedserve.kernels.triton_pointwise",
+    "pagedserve.kernels.triton_ops",
+)
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3}
+
+
+def _jit_functions(module):
+    from triton.runtime.jit import KernelInterface
+
+    return [obj for obj in vars(module).values() if isinstance(obj, KernelInterface)]
+
+
+def _load_kernels():
+    if ON_CUDA:
+        return [importlib.import_module(name) for name in KERNEL_MODULES]
+    os.environ["TRITON_INTERPRET"] = "1"
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def all_interpreted(mods):
+        return all(isinstance(f, InterpretedFunction) for m in mods for f in _jit_functions(m))
+
+    mods = [importlib.import_module(name) for name in KERNEL_MODULES]
+    if not all_interpreted(mods):  # imported earlier in this process without the interpreter
+        mods = [importlib.reload(m) for m in mods]
+    if not all_interpreted(mods):
+        raise RuntimeError("TRITON_INTERPRET=1 did not take effect: the kernels would need a GPU")
+    return mods
+
+
+attention, norm, pointwise, ops = _load_kernels()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm())
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert out.shape == ref.shape, f"{what} shape {tuple(out.shape)} vs {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), f"{what}: NaN in the output (unwritten or poisoned)"
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], f"{what}: relative error {err:.2e} over {TOL[dtype]:.0e}"
+
+
+def generator(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(hash(tuple(str(k) for k in key)) % (2**31))
+
+
+def randn(*shape, dtype, gen) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
+
+
+# ------------------------------------------------------------------------------------------ attention
+def make_paged_batch(seq_lens, q_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, gen):
+    """Random q and paged K/V; each sequence's blocks are shuffled, non-contiguous ids; table padding is
+    filled with ids of other sequences' blocks so that reading past a sequence's blocks shows in the output."""
+    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 7
+    k_cache = randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+    v_cache = randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+    ids = torch.randperm(num_blocks, generator=gen)
+    width = max(blocks_per_seq) + 2
+    block_tables = torch.randint(0, num_blocks, (len(seq_lens), width), generator=gen, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        block_tables[i, :n] = ids[used : used + n]
+        used += n
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    q = randn(starts[-1], num_heads, head_dim, dtype=dtype, gen=gen)
+    as_int = dict(dtype=torch.int32, device=DEVICE)
+    return (q, k_cache, v_cache, block_tables.to(DEVICE), torch.tensor(seq_lens, **as_int),
+            torch.tensor(starts, **as_int))
+
+
+def reference_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+    return reference.paged_attention(
+        q.float().cpu(), k_cache.float().cpu(), v_cache.float().cpu(), block_tables.cpu(), seq_lens.cpu(),
+        query_start_loc.cpu(), scale,
+    )
+
+
+def run_attention(inputs, scale, **kwargs):
+    q = inputs[0]
+    out = torch.full_like(q, float("nan"))
+    result = attention.paged_attention_launch(*inputs, scale, out=out, **kwargs)
+    assert result is out
+    return out.cpu()
+
+
+def decode_seq_lens(block_size):
+    # Awkward lengths: 1, one past a block, not multiples of the block size, one long sequence.
+    if ON_CUDA:
+        return [1, block_size + 1, 300, 1000, 2049, 4111, 77]
+    return [1, block_size + 1, 45, 100, 67]
+
+
+DECODE_CASES = [
+    (head_dim, group, block_size, torch.bfloat16)
+    for head_dim in (64, 128) for group in (1, 4, 8) for block_size in (16, 32)
+] + [(64, 4, 16, torch.float16), (128, 4, 32, torch.float16)]
+
+
+def param_id(value) -> str:
+    return str(value).replace("torch.", "")
+
+
+@pytest.mark.parametrize(("head_dim", "group", "block_size", "dtype"), DECODE_CASES, ids=param_id)
+def test_paged_attention_decode(head_dim, group, block_size, dtype):
+    num_kv_heads = 4 if ON_CUDA else (2 if group < 8 else 1)
+    gen = generator("decode", head_dim, group, block_size, dtype)
+    seq_lens = decode_seq_lens(block_size)
+    inputs = make_paged_batch(seq_lens, [1] * len(seq_lens), num_kv_heads * group, num_kv_heads, head_dim,
+                              block_size, dtype, gen)
+    scale = head_dim**-0.5
+    ref = reference_attention(*inputs, scale)
+    max_seq_len = max(seq_lens)
+    block_n = 64 if ON_CUDA else 16
+    # The default split heuristic with and without the host-side hints, then many small splits (most of
+    # them empty for the short sequences); on the GPU also one split per sequence (no merge step).
+    variants = [dict(max_query_len=1, max_seq_len=max_seq_len), dict(),
+                dict(max_query_len=1, max_seq_len=max_seq_len, decode_partition=2 * block_n)]
+    if ON_CUDA:
+        single = -(-max_seq_len // block_n) * block_n
+        variants.append(dict(max_query_len=1, max_seq_len=max_seq_len, decode_partition=single))
+    for kwargs in variants:
+        check_close(run_attention(inputs, scale, **kwargs), ref, dtype, f"decode {kwargs}")
+
+
+def mixed_batch(block_size):
+    """(seq_len, q_len): fresh prefill, extend after a cached prefix, decode, chunked prefill, empty."""
+    if ON_CUDA:
+        return [(700, 700), (1200, 300), (1, 1), (2050, 1), (129, 129), (33, 0), (513, 17), (300, 2)]
+    return [(37, 37), (50, 13), (1, 1), (70, 1), (33, 0), (block_size + 3, 2), (20, 20)]
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_paged_attention_mixed_prefill_decode(head_dim, group, block_size):
+    dtype = torch.bfloat16
+    num_kv_heads = 2 if ON_CUDA or group < 8 else 1
+    gen = generator("mixed", head_dim, group, block_size)
+    batch = mixed_batch(block_size)
+    seq_lens, q_lens = [s for s, _ in batch], [n for _, n in batch]
+    inputs = make_paged_batch(seq_lens, q_lens, num_kv_heads * group, num_kv_heads, head_dim, block_size,
+                              dtype, gen)
+    scale = 0.7 * head_dim**-0.5
+    ref = reference_attention(*inputs, scale)
+    hinted = run_attention(inputs, scale, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+    check_close(hinted, ref, dtype, "mixed batch, hints given")
+    starts = inputs[5].tolist()
+    for i, (seq_len, q_len) in enumerate(batch):
+        if q_len:
+            rows = slice(starts[i], starts[i + 1])
+            check_close(hinted[rows], ref[rows], dtype, f"sequence {i} (seq_len {seq_len}, q_len {q_len})")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_paged_attention_short_extends(head_dim):
+    """Query lengths 2..8 over long contexts (speculative tokens, small chunks): the small prefill tiles."""
+    dtype = torch.float16
+    gen = generator("short", head_dim)
+    batch = [(900, 8), (257, 3), (64, 2), (1500, 5)] if ON_CUDA else [(90, 8), (25, 3), (16, 2), (41, 5)]
+    seq_lens, q_lens = [s for s, _ in batch], [n for _, n in batch]
+    inputs = make_paged_batch(seq_lens, q_lens, 8, 2, head_dim, 16, dtype, gen)
+    ref = reference_attention(*inputs, head_dim**-0.5)
+    out = run_attention(inputs, head_dim**-0.5, max_query_len=8, max_seq_len=max(seq_lens))
+    check_close(out, ref, dtype, "short extends")
+    check_close(run_attention(inputs, head_dim**-0.5), ref, dtype, "short extends, hints computed")
+
+
+def test_paged_attention_rejects_bad_shapes():
+    q = torch.zeros(2, 8, 64, device=DEVICE, dtype=torch.float16)
+    cache = torch.zeros(4, 16, 3, 64, device=DEVICE, dtype=torch.float16)  # 8 heads over 3 KV heads
+    tables = torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)
+    lens = torch.ones(2, dtype=torch.int32, device=DEVICE)
+    starts = torch.arange(3, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple"):
+        ops.paged_attention(q, cache, cache, tables, lens, starts, 1.0)
+
+
+# ----------------------------------------------------------------------------------------- KV cache
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_write_kv_cache(block_size, dtype):
+    gen = generator("write", block_size, dtype)
+    num_tokens, num_kv_heads, head_dim, num_blocks = (300 if ON_CUDA else 23), 4, 128, 40
+    # key and value as strided views of one fused projection output, as the model produces them.
+    kv = randn(num_tokens, 2 * num_kv_heads * head_dim + 64, dtype=dtype, gen=gen)
+    key = kv[:, : num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    value = kv[:, num_kv_heads * head_dim : 2 * num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[torch.randperm(num_tokens, generator=gen)[:5]] = -1  # padding tokens: skipped
+    slots = slots.to(torch.int64 if block_size == 16 else torch.int32).to(DEVICE)
+    k_cache = randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+    v_cache = randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+    k_ref, v_ref = k_cache.clone().cpu(), v_cache.clone().cpu()
+    reference.write_kv_cache(key.cpu(), value.cpu(), k_ref, v_ref, slots.cpu())
+    ops.write_kv_cache(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.cpu(), k_ref) and torch.equal(v_cache.cpu(), v_ref)
+
+
+# --------------------------------------------------------------------------------------------- norms
+def assert_same_roundings(out: torch.Tensor, ref_same_dtype: torch.Tensor) -> None:
+    """The kernel rounds where the reference run in the activation dtype rounds (HF numerics): equal up to
+    rare 1-ulp flips from the GPU's approximate rsqrt/exp. The interpreter converts fp32 to bf16 by
+    truncation (triton 3.9), not round-to-nearest as the GPU does, so bf16 is compared on CUDA only."""
+    if out.dtype == torch.bfloat16 and not ON_CUDA:
+        return
+    equal = float((out.cpu() == ref_same_dtype.cpu()).float().mean())
+    assert equal > 0.99, f"only {equal:.1%} of the elements equal the same-dtype reference"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
+@pytest.mark.parametrize("hidden", [96, 1000])
+def test_rms_norm(hidden, dtype):
+    gen = generator("rms", hidden, dtype)
+    x = randn(37, hidden, dtype=dtype, gen=gen) * 3
+    weight = randn(hidden, dtype=dtype, gen=gen)
+    out = ops.rms_norm(x, weight, 1e-5)
+    check_close(out, reference.rms_norm(x.float(), weight.float(), 1e-5), dtype, "rms_norm")
+    # Same roundings as the reference in the activation dtype (HF numerics), up to rare 1-ulp flips.
+    assert_same_roundings(out, reference.rms_norm(x, weight, 1e-5))
+
+
+def test_rms_norm_on_strided_heads():
+    """q/k norm (Qwen3): a [tokens, heads, head_dim] view of a fused qkv output, normalised per head."""
+    dtype = torch.bfloat16
+    gen = generator("rms-heads")
+    qkv = randn(11, 12 * 64, dtype=dtype, gen=gen)
+    q = qkv[:, : 8 * 64].view(11, 8, 64)
+    weight = randn(64, dtype=dtype, gen=gen)
+    out = ops.rms_norm(q, weight, 1e-6)
+    check_close(out, reference.rms_norm(q.float(), weight.float(), 1e-6), dtype, "rms_norm on heads")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
+def test_fused_add_rms_norm(dtype):
+    gen = generator("add-rms", dtype)
+    x = randn(29, 520, dtype=dtype, gen=gen)
+    residual = randn(29, 520, dtype=dtype, gen=gen) * 4
+    weight = randn(520, dtype=dtype, gen=gen)
+    x_before, residual_before = x.clone(), residual.clone()
+    out, new_residual = ops.fused_add_rms_norm(x, residual, weight, 1e-6)
+    ref_out, ref_residual = reference.fused_add_rms_norm(x.float(), residual.float(), weight.float(), 1e-6)
+    check_close(out, ref_out, dtype, "normed")
+    check_close(new_residual, ref_residual, dtype, "residual")
+    same_dtype_out, same_dtype_residual = reference.fused_add_rms_norm(x, residual, weight, 1e-6)
+    assert_same_roundings(new_residual, same_dtype_residual)
+    assert_same_roundings(out, same_dtype_out)
+    assert torch.equal(x, x_before) and torch.equal(residual, residual_before), "inputs must not change"
+
+
+# -------------------------------------------------------------------------------------- rotary, silu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rotary_embedding(head_dim, dtype):
+    gen = generator("rope", head_dim, dtype)
+    num_tokens, num_q_heads, num_k_heads, max_pos = 13, 8, 2, 4096
+    qkv = randn(num_tokens, (num_q_heads + 2 * num_k_heads) * head_dim, dtype=dtype, gen=gen)
+    q = qkv[:, : num_q_heads * head_dim].view(num_tokens, num_q_heads, head_dim)
+    k = qkv[:, num_q_heads * head_dim : (num_q_heads + num_k_heads) * head_dim].view(
+        num_tokens, num_k_heads, head_dim
+    )
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(DEVICE)
+    positions = torch.randint(0, max_pos, (num_tokens,), generator=gen).to(DEVICE)
+    q_before = q.clone()
+    q_out, k_out = ops.rotary_embedding(positions, q, k, cos_sin)
+    q_ref, k_ref = reference.rotary_embedding(positions.cpu(), q.float().cpu(), k.float().cpu(), cos_sin.cpu())
+    check_close(q_out, q_ref, dtype, "q")
+    check_close(k_out, k_ref, dtype, "k")
+    q_same, k_same = reference.rotary_embedding(positions, q, k, cos_sin)
+    assert_same_roundings(q_out, q_same)
+    assert_same_roundings(k_out, k_same)
+    assert torch.equal(q, q_before), "rotary_embedding must not modify its inputs"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
+def test_silu_and_mul(dtype):
+    gen = generator("silu", dtype)
+    x = randn(3, 7, 2 * 1100, dtype=dtype, gen=gen) * 3
+    out = ops.silu_and_mul(x)
+    check_close(out, reference.silu_and_mul(x.float()), dtype, "silu_and_mul")
+    assert_same_roundings(out, reference.silu_and_mul(x))
+
+
+def test_dispatch_uses_triton_on_cuda_and_reference_elsewhere():
+    from pagedserve import kernels
+
+    x = torch.ones(2, 8, device=DEVICE, dtype=torch.float16)
+    assert kernels.use_triton(x) == ON_CUDA
+    if not ON_CUDA:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
