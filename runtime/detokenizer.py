@@ -39,6 +39,10 @@ def _decoder_kinds(decoder: dict | None) -> set[str]:
     return {decoder.get("type", "")}
 
 
+def _is_byte_token(tok: str) -> bool:
+    return len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
+
+
 class TokenDecoder:
     """Token id -> bytes tables for one tokenizer (``skip_special`` and not), built once."""
 
@@ -60,6 +64,7 @@ class TokenDecoder:
         vocab_size = max(len(tokenizer), backend.get_vocab_size(with_added_tokens=True))
         id_to_token = [backend.id_to_token(i) for i in range(vocab_size)]
         added = {t["id"]: t for t in spec.get("added_tokens", [])}
+        byte_fallback = "ByteFallback" in kinds
         if "ByteLevel" in kinds:
             byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
 
@@ -70,7 +75,7 @@ class TokenDecoder:
                 return None
 
             def to_bytes(tok: str) -> bytes:
-                if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+                if byte_fallback and _is_byte_token(tok):
                     return bytes([int(tok[3:5], 16)])
                 return tok.replace("▁", " ").encode("utf-8")
         else:
@@ -82,7 +87,7 @@ class TokenDecoder:
                 keep.append(b)
                 skip.append(b)
                 continue
-            if i in added:
+            if i in added and not (byte_fallback and _is_byte_token(tok)):
                 b = added[i]["content"].encode("utf-8")
                 keep.append(b)
                 skip.append(b"" if added[i].get("special") else b)
