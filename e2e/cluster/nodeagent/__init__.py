@@ -1,0 +1,1 @@
+"""The local node agent: a stand-in for the kubelet that runs pods as local processes."""
