@@ -225,20 +225,18 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _program_target(device: torch.device) -> int:
-    """How many decode programs keep the device busy (a few per SM on a GPU; a handful interpreted)."""
-    if device.type != "cuda":
-        return 8
-    return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def decode_partition_size(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device,
-    min_partition: int = 256,
+    min_partition: int = 256, programs_per_sm: int = 4,
 ) -> int:
-    """Tokens per split: enough splits to fill the device, none shorter than ``min_partition`` tokens."""
+    """Tokens per split: enough splits to give the device ``programs_per_sm`` programs per SM, but none
+    shorter than ``min_partition`` tokens (each split pays a query load and a partial-output write)."""
+    if device.type == "cuda":
+        target = programs_per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 8  # interpreted: a few splits are enough to exercise the merge
     base = max(1, num_seqs * num_kv_heads)
-    splits = max(1, min(-(-_program_target(device) // base), -(-max_seq_len // min_partition)))
+    splits = max(1, min(-(-target // base), -(-max_seq_len // min_partition)))
     per_split = -(-max_seq_len // splits)
     return max(block_n, -(-per_split // block_n) * block_n)
 
@@ -275,14 +273,14 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
 
 
 def _config(head_dim: int, interpreted: bool, max_query_len: int):
-    """Tile shapes: (decode BLOCK_N, decode warps, decode stages, prefill BLOCK_M, BLOCK_N, warps, stages)."""
+    """Tile shapes and launch settings of both kernels (``dec_*``: decode, ``pf_*``: prefill)."""
     if interpreted:
         # Small tiles so that small test shapes still cross many tile and page boundaries.
-        return dict(dec_block_n=16, dec_warps=4, dec_stages=1, pf_block_m=16, pf_block_n=16, pf_warps=4,
-                    pf_stages=1)
+        return dict(dec_block_n=16, dec_warps=4, dec_stages=1, dec_min_partition=32, dec_programs_per_sm=4,
+                    pf_block_m=16, pf_block_n=16, pf_warps=4, pf_stages=1)
     pf_block_m = 128 if max_query_len > 64 else (64 if max_query_len > 16 else 16)
     return dict(
-        dec_block_n=64, dec_warps=4, dec_stages=3,
+        dec_block_n=64, dec_warps=4, dec_stages=3, dec_min_partition=256, dec_programs_per_sm=4,
         pf_block_m=pf_block_m, pf_block_n=64, pf_warps=8 if head_dim >= 128 and pf_block_m == 128 else 4,
         pf_stages=3,
     )
@@ -331,7 +329,10 @@ def paged_attention_launch(
 
     block_n = cfg["dec_block_n"]
     if decode_partition is None:
-        decode_partition = decode_partition_size(num_seqs, num_kv_heads, max_seq_len, block_n, q.device)
+        decode_partition = decode_partition_size(
+            num_seqs, num_kv_heads, max_seq_len, block_n, q.device,
+            cfg["dec_min_partition"], cfg["dec_programs_per_sm"],
+        )
     elif decode_partition % block_n:
         raise ValueError(f"decode_partition {decode_partition} must be a multiple of {block_n}")
     num_splits = triton.cdiv(max_seq_len, decode_partition)

@@ -1,0 +1,350 @@
+"""Benchmark 1 of issue 9: the attention kernels against the card's own ceilings and torch SDPA.
+
+Measures, in one run on one GPU:
+- the ceilings: device-to-device copy GB/s (bytes read + written) and an 8192^3 bf16 matmul's TFLOP/s;
+- decode attention GB/s (bytes of K/V, q and out) at batch 1/32/128 x context 512/2048/8192 with
+  Llama-3.1-8B's heads (32 q / 8 KV, head_dim 128, bf16, block size 16, shuffled block ids), next to the copy
+  bandwidth and to torch SDPA on the same data laid out contiguously ([batch, kv_heads, ctx, head_dim], the
+  group's query heads folded into the query length so SDPA also reads K/V once per KV head);
+- prefill attention TFLOP/s (causal) next to SDPA's flash backend, and one extend shape (queries after a
+  cached prefix) on its own;
+- with ``--sweep``, a few tile configurations of both kernels at the shapes that matter for the targets.
+
+Every timing is ``triton.testing.do_bench``'s median (it clears L2 before each run) of a CUDA-graph replay,
+cycling through several input sets when one set is smaller than 4x L2. Prints a table last and writes JSON.
+
+    PYTHONPATH=/tmp/pp python bench/bench_kernels.py --sweep --json bench/results/kernels_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from pagedserve.kernels import reference
+from pagedserve.kernels import triton_attention as attn
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+SCALE = HEAD_DIM**-0.5
+
+
+# ------------------------------------------------------------------------------------------- timing
+def graph_of(fn) -> torch.cuda.CUDAGraph:
+    """``fn`` captured as a CUDA graph (after a warm-up that compiles it), as the engine runs decode."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph
+
+
+def time_ms(fns) -> float:
+    """Median ms of one call, cycling through the callables (one per rotated input set) as CUDA graphs."""
+    graphs = [graph_of(fn) for fn in fns]
+    cycle = itertools.cycle(graphs)
+    return float(do_bench(lambda: next(cycle).replay(), warmup=25, rep=150, return_mode="median"))
+
+
+def rotations(bytes_per_set: int, l2_bytes: int) -> int:
+    return max(1, min(16, math.ceil(4 * l2_bytes / max(1, bytes_per_set))))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+# ---------------------------------------------------------------------------------------- ceilings
+def measure_ceilings() -> dict:
+    n = 1 << 29  # 1 GiB of bf16
+    src = torch.randn(n, device="cuda", dtype=DTYPE)
+    dst = torch.empty_like(src)
+    copy_ms = float(do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median"))
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=DTYPE)
+    b = torch.randn(m, m, device="cuda", dtype=DTYPE)
+    mm_ms = float(do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median"))
+    return {
+        "copy_bytes": 2 * 2 * n,
+        "copy_ms": copy_ms,
+        "copy_gbs": 2 * 2 * n / copy_ms / 1e6,
+        "matmul_shape": [m, m, m],
+        "matmul_ms": mm_ms,
+        "matmul_tflops": 2 * m**3 / mm_ms / 1e9,
+    }
+
+
+# ------------------------------------------------------------------------------------------ inputs
+class PagedSet:
+    """One input set: packed q, a paged cache with shuffled block ids, and the same K/V contiguous."""
+
+    def __init__(self, batch: int, seq_len: int, q_len: int, contiguous: bool, gen: torch.Generator):
+        blocks_per_seq = -(-seq_len // BLOCK_SIZE)
+        num_blocks = batch * blocks_per_seq
+        shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        self.k_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+        self.v_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+        ids = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32)
+        self.block_tables = ids.view(batch, blocks_per_seq).contiguous()
+        self.seq_lens = torch.full((batch,), seq_len, device="cuda", dtype=torch.int32)
+        self.query_start_loc = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * q_len
+        self.q = torch.randn(batch * q_len, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+        self.out = torch.empty_like(self.q)
+        self.batch, self.seq_len, self.q_len = batch, seq_len, q_len
+        if contiguous:
+            self.k = self._gather(self.k_cache)
+            self.v = self._gather(self.v_cache)
+
+    def _gather(self, cache: torch.Tensor) -> torch.Tensor:
+        """[batch, kv_heads, seq_len, head_dim] contiguous copy of the paged cache."""
+        blocks = cache[self.block_tables.long()]  # [batch, blocks, block_size, kv_heads, head_dim]
+        flat = blocks.reshape(self.batch, -1, NUM_KV_HEADS, HEAD_DIM)[:, : self.seq_len]
+        return flat.permute(0, 2, 1, 3).contiguous()
+
+    def triton_call(self, **launch_kwargs):
+        def call():
+            attn.paged_attention_launch(
+                self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens, self.query_start_loc,
+                SCALE, out=self.out, max_query_len=self.q_len, max_seq_len=self.seq_len, **launch_kwargs,
+            )
+
+        return call
+
+
+def kv_bytes(batch: int, seq_len: int) -> int:
+    return 2 * batch * seq_len * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+
+
+# ------------------------------------------------------------------------------------------ decode
+def decode_case(batch: int, ctx: int, l2: int, configs: dict[str, dict]) -> dict:
+    """GB/s of each Triton config and of SDPA on contiguous K/V, over the same rotated input sets."""
+    gen = torch.Generator(device="cuda").manual_seed(batch * 100003 + ctx)
+    moved = kv_bytes(batch, ctx) + 2 * batch * NUM_HEADS * HEAD_DIM * DTYPE.itemsize  # + q and out
+    sets = [PagedSet(batch, ctx, 1, True, gen) for _ in range(rotations(moved, l2))]
+    group = NUM_HEADS // NUM_KV_HEADS
+    row = {"batch": batch, "ctx": ctx, "bytes": moved, "rotations": len(sets)}
+    for name, kwargs in configs.items():
+        ms = time_ms([s.triton_call(**kwargs) for s in sets])
+        row[f"{name}_ms"], row[f"{name}_gbs"] = ms, moved / ms / 1e6
+
+    def sdpa(s: PagedSet):
+        q = s.q.view(batch, NUM_KV_HEADS, group, HEAD_DIM)  # the group's heads as query rows
+        return lambda: F.scaled_dot_product_attention(q, s.k, s.v, scale=SCALE)
+
+    ms = time_ms([sdpa(s) for s in sets])
+    row["sdpa_ms"], row["sdpa_gbs"] = ms, moved / ms / 1e6
+    s = sets[0]
+    s.triton_call()()
+    ref = sdpa(s)().reshape(batch, NUM_HEADS, HEAD_DIM)
+    row["rel_err_vs_sdpa"] = rel_err(s.out, ref)
+    del sets
+    torch.cuda.empty_cache()
+    return row
+
+
+# ----------------------------------------------------------------------------------------- prefill
+def causal_flops(batch: int, seq_len: int, q_len: int) -> int:
+    prefix = seq_len - q_len
+    pairs = q_len * prefix + q_len * (q_len + 1) // 2
+    return 4 * HEAD_DIM * NUM_HEADS * batch * pairs
+
+
+def sdpa_flash(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Causal SDPA forced onto the flash backend; K/V heads expanded if that backend lacks GQA here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(k_, v_, **kw):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q4, k_, v_, is_causal=True, scale=SCALE, **kw)
+
+    try:
+        run(k, v, enable_gqa=True)
+        return (lambda: run(k, v, enable_gqa=True)), "flash, enable_gqa"
+    except (RuntimeError, TypeError):
+        group = NUM_HEADS // NUM_KV_HEADS
+        ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        return (lambda: run(ke, ve)), "flash, K/V heads expanded"
+
+
+def prefill_case(batch: int, seq_len: int, q_len: int, l2: int, configs: dict[str, dict]) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(7 * batch + seq_len + q_len)
+    flops = causal_flops(batch, seq_len, q_len)
+    full = q_len == seq_len
+    moved = kv_bytes(batch, seq_len) + 2 * batch * q_len * NUM_HEADS * HEAD_DIM * DTYPE.itemsize
+    sets = [PagedSet(batch, seq_len, q_len, full, gen) for _ in range(rotations(moved, l2))]
+    row = {"batch": batch, "seq_len": seq_len, "q_len": q_len, "flops": flops, "rotations": len(sets)}
+    for name, kwargs in configs.items():
+        ms = time_ms([s.triton_call(**kwargs) for s in sets])
+        row[f"{name}_ms"], row[f"{name}_tflops"] = ms, flops / ms / 1e9
+    s = sets[0]
+    s.triton_call()()
+    if full:  # SDPA's is_causal aligns the mask top-left, which only matches a prefill without prefix
+        calls = []
+        for t in sets:
+            q4 = t.q.view(batch, seq_len, NUM_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+            fn, how = sdpa_flash(q4, t.k, t.v)
+            calls.append(fn)
+        ms = time_ms(calls)
+        row["sdpa_flash_ms"], row["sdpa_flash_tflops"], row["sdpa_how"] = ms, flops / ms / 1e9, how
+        q4 = s.q.view(batch, seq_len, NUM_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+        ref = sdpa_flash(q4, s.k, s.v)[0]().transpose(1, 2).reshape_as(s.out)
+        row["rel_err_vs_sdpa"] = rel_err(s.out, ref)
+    else:
+        b = 0  # check one sequence against the fp32 torch reference
+        lo, hi = b * q_len, (b + 1) * q_len
+        ref = reference.paged_attention(
+            s.q[lo:hi].float(), s.k_cache.float(), s.v_cache.float(), s.block_tables[b : b + 1],
+            s.seq_lens[b : b + 1], torch.tensor([0, q_len], dtype=torch.int32, device="cuda"), SCALE,
+        )
+        row["rel_err_vs_reference"] = rel_err(s.out[lo:hi], ref)
+    del sets
+    torch.cuda.empty_cache()
+    return row
+
+
+# ------------------------------------------------------------------------------------------ driver
+DECODE_SWEEP = {
+    "bn32_w4_s3": dict(dec_block_n=32, dec_warps=4, dec_stages=3),
+    "bn128_w4_s3": dict(dec_block_n=128, dec_warps=4, dec_stages=3),
+    "bn64_w4_s4": dict(dec_block_n=64, dec_warps=4, dec_stages=4),
+    "bn64_w4_s2": dict(dec_block_n=64, dec_warps=4, dec_stages=2),
+    "bn64_w8_s3": dict(dec_block_n=64, dec_warps=8, dec_stages=3),
+    "bn128_w8_s3": dict(dec_block_n=128, dec_warps=8, dec_stages=3),
+    "minpart512": dict(dec_min_partition=512),
+    "minpart1024": dict(dec_min_partition=1024),
+    "per_sm2": dict(dec_programs_per_sm=2),
+    "per_sm8": dict(dec_programs_per_sm=8, dec_min_partition=128),
+}
+PREFILL_SWEEP = {
+    "m128_n128_w8_s3": dict(pf_block_m=128, pf_block_n=128, pf_warps=8, pf_stages=3),
+    "m128_n64_w8_s4": dict(pf_block_m=128, pf_block_n=64, pf_warps=8, pf_stages=4),
+    "m128_n64_w4_s3": dict(pf_block_m=128, pf_block_n=64, pf_warps=4, pf_stages=3),
+    "m64_n64_w4_s3": dict(pf_block_m=64, pf_block_n=64, pf_warps=4, pf_stages=3),
+    "m128_n32_w4_s3": dict(pf_block_m=128, pf_block_n=32, pf_warps=4, pf_stages=3),
+}
+
+
+def gpu_slug(name: str) -> str:
+    match = re.search(r"\b([A-Z]\d{2,4}[A-Za-z]*)\b", name.replace("NVIDIA ", ""))
+    return (match.group(1) if match else re.sub(r"\W+", "_", name)).lower()
+
+
+def versions() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(),
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
+        "l2_bytes": torch.cuda.get_device_properties(0).L2_cache_size,
+    }
+    try:
+        info["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["driver"] = None
+    return info
+
+
+def run_section(results: dict, key: str, fn):
+    try:
+        results[key] = fn()
+    except Exception:  # one broken section must not lose the others' numbers
+        results.setdefault("errors", {})[key] = traceback.format_exc()
+        print(results["errors"][key], file=sys.stderr, flush=True)
+
+
+def print_table(res: dict) -> None:
+    ceil = res.get("ceilings", {})
+    copy = ceil.get("copy_gbs", float("nan"))
+    print(f"\n{res['versions']['gpu']}  torch {res['versions']['torch']}  triton {res['versions']['triton']}")
+    print(f"ceilings: copy {copy:,.0f} GB/s   bf16 matmul {ceil.get('matmul_tflops', float('nan')):,.0f} TFLOP/s")
+    print("decode (GB/s of K/V+q+out)   batch   ctx   triton  %copy    sdpa  triton/sdpa  err")
+    for r in res.get("decode", []):
+        t, s = r["triton_gbs"], r["sdpa_gbs"]
+        print(f"{'':29}{r['batch']:>5} {r['ctx']:>5} {t:8,.0f} {100 * t / copy:5.1f}% {s:7,.0f} "
+              f"{t / s:8.2f}x  {r['rel_err_vs_sdpa']:.1e}")
+    print("prefill (TFLOP/s, causal)    batch  seq_len q_len  triton  sdpa-flash  ratio")
+    for r in res.get("prefill", []):
+        s = r.get("sdpa_flash_tflops")
+        ratio = f"{r['triton_tflops'] / s:6.2f}" if s else "   n/a"
+        print(f"{'':29}{r['batch']:>5} {r['seq_len']:>7} {r['q_len']:>5} {r['triton_tflops']:7.1f} "
+              f"{s if s else float('nan'):10.1f} {ratio}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="output path (default bench/results/kernels_<gpu>.json)")
+    parser.add_argument("--sweep", action="store_true", help="also time a few tile configurations")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    res = {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "shapes": {"num_heads": NUM_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
+                   "block_size": BLOCK_SIZE, "dtype": str(DTYPE)},
+        "default_config": attn._config(HEAD_DIM, False, 2048),
+    }
+    l2 = res["versions"]["l2_bytes"]
+    run_section(res, "ceilings", measure_ceilings)
+    print("ceilings", res.get("ceilings"), flush=True)
+
+    def decode_all():
+        rows = []
+        for batch, ctx in itertools.product((1, 32, 128), (512, 2048, 8192)):
+            configs = {"triton": {}}
+            if args.sweep and batch >= 32 and ctx >= 2048:
+                configs.update(DECODE_SWEEP)
+            rows.append(decode_case(batch, ctx, l2, configs))
+            print("decode", rows[-1], flush=True)
+        return rows
+
+    def prefill_all():
+        rows = []
+        for batch, seq_len, q_len in ((8, 2048, 2048), (1, 8192, 8192), (32, 512, 512), (8, 4096, 512)):
+            configs = {"triton": {}}
+            if args.sweep and (batch, seq_len) in ((8, 2048), (1, 8192)):
+                configs.update(PREFILL_SWEEP)
+            rows.append(prefill_case(batch, seq_len, q_len, l2, configs))
+            print("prefill", rows[-1], flush=True)
+        return rows
+
+    run_section(res, "decode", decode_all)
+    run_section(res, "prefill", prefill_all)
+    path = args.json or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"kernels_{gpu_slug(res['versions']['gpu'])}.json"
+    )
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {path}")
+    print_table(res)
+
+
+if __name__ == "__main__":
+    main()
