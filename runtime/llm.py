@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,8 +23,8 @@ class LLM:
     enable_prefix_caching=True, seed=0, ...)``; ``model`` is a Hugging Face model directory or a GGUF file.
     """
 
-    def __init__(self, model: str, **kwargs: Any) -> None:
-        self.engine_args = EngineArgs.from_kwargs(model, **kwargs)
+    def __init__(self, model: str | os.PathLike, **kwargs: Any) -> None:
+        self.engine_args = EngineArgs.from_kwargs(os.fspath(model), **kwargs)
         self.engine = EngineCore(self.engine_args)
         self.tokenizer = self.engine.source.tokenizer
         self.processor = OutputProcessor(self.tokenizer)

@@ -82,8 +82,9 @@ def load_hf_dir(path: str) -> ModelSource:
     return ModelSource(path, config, tokenizer, gen_cfg, lambda: _iter_safetensors(files))
 
 
-def load_model_source(model: str) -> ModelSource:
+def load_model_source(model: str | os.PathLike) -> ModelSource:
     """Open a local model: a directory in Hugging Face layout, or a ``.gguf`` file."""
+    model = os.fspath(model)
     if not os.path.exists(model):
         raise FileNotFoundError(
             f"model path {model!r} does not exist (only local paths are supported: no hub downloads)"
