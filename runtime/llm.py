@@ -124,7 +124,7 @@ class LLM:
         while engine.has_unfinished():
             updates = engine.step()
             steps += 1
-            outputs, to_stop = processor.process(updates)
+            outputs, to_stop = processor.process(updates, finished_only=True)
             if to_stop:
                 engine.finish_requests(to_stop)
             for out in outputs:

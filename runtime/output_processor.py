@@ -89,9 +89,12 @@ class OutputProcessor:
         d = {tid: Logprob(lp, r + 1) for r, (tid, lp) in enumerate(top)}
         return d, chosen_lp, rank
 
-    def process(self, updates: list[RequestUpdate]) -> tuple[list[RequestOutput], list[str]]:
-        """Apply one step's updates. Returns outputs of requests that changed, and engine request ids
-        that must be stopped because a stop string appeared (they are already finished here)."""
+    def process(
+        self, updates: list[RequestUpdate], finished_only: bool = False
+    ) -> tuple[list[RequestOutput], list[str]]:
+        """Apply one step's updates. Returns outputs of requests that changed (only finished ones with
+        ``finished_only``, as offline generation needs), and engine request ids that must be stopped
+        because a stop string appeared (they are already finished here)."""
         touched: dict[str, _Parent] = {}
         to_stop: list[str] = []
         for upd in updates:
@@ -129,7 +132,10 @@ class OutputProcessor:
             if child.finish_reason is not None:
                 child.detok.flush()
                 parent.num_finished += 1
-        outputs = [self._make_output(p) for p in touched.values()]
+        outputs = [
+            self._make_output(p) for p in touched.values()
+            if not finished_only or p.num_finished == len(p.children)
+        ]
         for p in touched.values():
             if p.num_finished == len(p.children):
                 self.parents.pop(p.request_id, None)

@@ -181,6 +181,8 @@ class Scheduler:
         # 1. Running requests, in order; preempt from the back when blocks run out.
         scheduled: list[Request] = []
         preempted: set[str] = set()
+        block_size = kv.block_size
+        req_to_blocks = kv.req_to_blocks
         running = self.running
         i = 0
         while i < len(running) and budget > 0:
@@ -191,6 +193,13 @@ class Scheduler:
             if num_new > budget:
                 num_new = budget
             if num_new <= 0:
+                i += 1
+                continue
+            end = req.num_computed_tokens + num_new
+            if num_new == 1 and end % block_size and end <= block_size * len(req_to_blocks[req.request_id]):
+                # Decode fast path: the token fits in the last block, which does not fill up.
+                self._add_to_output(out, req, 1, [])
+                budget -= 1
                 i += 1
                 continue
             new_ids = kv.allocate_slots(req, num_new)
