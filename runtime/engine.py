@@ -92,6 +92,8 @@ class EngineCore:
         )
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
+        if self.device.type == "cuda" and not args.enforce_eager:
+            self.runner.capture_cuda_graphs()
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.eos_token_ids = self.source.eos_token_ids

@@ -90,6 +90,7 @@ class ModelRunner:
         self.block_table = np.zeros((self.max_rows, self.max_blocks_per_seq), dtype=np.int32)
         self.free_rows = list(range(self.max_rows - 1, -1, -1))
         self.num_blocks = 0
+        self.graphs = None
 
     # ----------------------------------------------------------------------------- KV cache
     def determine_num_blocks(self) -> int:
@@ -191,17 +192,14 @@ class ModelRunner:
         input_ids = [t for ids in so.token_ids for t in ids]
 
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(block_tables[:, : int(-(-seq_lens.max() // bs))]).to(dev),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
-            query_start_loc=torch.from_numpy(cu.astype(np.int32)).to(dev),
-            max_query_len=int(num_sched.max()),
-            max_seq_len=int(seq_lens.max()),
-        )
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos_t = torch.from_numpy(positions).to(dev)
-        hidden = self.model(ids_t, pos_t, meta)
+        graphs = self.graphs
+        if graphs is not None and int(num_sched.max()) == 1 and graphs.bucket(len(states)) is not None:
+            width = int(-(-seq_lens.max() // bs))
+            hidden = graphs.run(ids_t, positions, slots, np.ascontiguousarray(block_tables[:, :width]), seq_lens)
+        else:
+            meta = self._device_meta(slots, block_tables, seq_lens, cu, num_sched)
+            hidden = self.model(ids_t, torch.from_numpy(positions).to(dev), meta)
 
         sample_idx = [i for i, s in enumerate(so.do_sample) if s]
         plp_reqs = [
@@ -232,6 +230,27 @@ class ModelRunner:
                 for j, i in enumerate(sample_idx):
                     logprobs[i] = out.logprobs[j]
         return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
+
+    def _device_meta(self, slots, block_tables, seq_lens, cu, num_sched) -> AttentionMetadata:
+        dev = self.device
+        width = int(-(-seq_lens.max() // self.block_size))
+        return AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(np.ascontiguousarray(block_tables[:, :width])).to(dev),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
+            query_start_loc=torch.from_numpy(cu.astype(np.int32)).to(dev),
+            max_query_len=int(num_sched.max()),
+            max_seq_len=int(seq_lens.max()),
+        )
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode graphs (CUDA only; call after the KV cache exists)."""
+        from pagedserve.runtime.cuda_graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(
+            self.model, self.max_rows, self.max_blocks_per_seq, self.scheduler_config.max_model_len, self.device
+        )
+        self.graphs.capture()
 
     def _prompt_logprobs(self, so, states, hidden, cu, plp_reqs) -> dict[str, list]:
         """Logprob of each prompt token given the tokens before it (None for the first), chunk by chunk."""
