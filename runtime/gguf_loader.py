@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,25 +29,14 @@ import torch
 SUPPORTED_TENSOR_TYPES = frozenset({"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"})
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_LAYER_TENSOR_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 # Llama 3.x files store their rope scaling as per-frequency divisors, not as metadata.
 _ROPE_FREQS = "rope_freqs.weight"
+_SPECIAL_TOKEN_KEYS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 _GENERATION_KEYS = {  # GGUF sampling defaults -> HF generation_config names
     "general.sampling.top_k": "top_k",
     "general.sampling.top_p": "top_p",
@@ -132,12 +120,18 @@ def _open_reader(path: Path):
 
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if len(magic) < 4:
+        raise ValueError(f"{path} is truncated: it has {len(magic)} bytes")
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
         return GGUFReader(path)
-    except Exception as exc:  # the reader fails with whatever numpy/struct raises on bad bytes
+    except Exception as exc:  # the reader fails with whatever numpy raises on short or bad bytes
         raise ValueError(
-            f"{path} ({path.stat().st_size} bytes) is not a readable GGUF file: {exc}. "
-            "It may be truncated or corrupt (e.g. an interrupted download); download it again."
+            f"{path} ({path.stat().st_size} bytes) is truncated or corrupt, e.g. an interrupted download; "
+            f"download it again (gguf reader: {exc})"
         ) from exc
 
 
@@ -164,6 +158,7 @@ def _read_metadata(reader) -> dict[str, Any]:
 
 
 def _check_extents(path: Path, tensors) -> None:
+    # Today's reader already fails on short tensor data; this keeps the check if it ever maps lazily.
     size = path.stat().st_size
     for t in tensors:
         end = t.data_offset + t.n_bytes
@@ -221,6 +216,8 @@ def _rope_scaling(path: Path, metadata, tensors, rope_theta: float, head_dim: in
     kind = metadata.get("llama.rope.scaling.type", "none")
     factor = metadata.get("llama.rope.scaling.factor")
     original = metadata.get("llama.rope.scaling.original_context_length")
+    if kind in ("linear", "yarn") and factor is None:
+        raise ValueError(f"{path.name}: rope scaling type {kind!r} without llama.rope.scaling.factor")
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
@@ -284,71 +281,61 @@ def _llama3_divisors(inv_freq, scaling: dict):
 
 def _plan_tensors(path: Path, tensors: dict[str, Any], config) -> list[_TensorPlan]:
     """Map, type-check and shape-check every tensor up front so errors surface at load, not mid-stream."""
-    expected = _expected_shapes(config)
-    plans, unknown = [], []
+    expected = _expected_tensors(config)
+    unknown = sorted(set(tensors) - set(expected) - {_ROPE_FREQS})
+    if unknown:
+        raise ValueError(f"{path.name}: tensors with no Llama counterpart: {', '.join(unknown)}")
+    missing = sorted(set(expected) - set(tensors) - {"output.weight"})
+    if missing:
+        raise ValueError(f"{path.name}: missing tensors: {', '.join(missing)}")
+    plans = []
     for name, tensor in tensors.items():
         if name == _ROPE_FREQS:
             continue
-        hf_name = _hf_name(name)
-        if hf_name is None or hf_name not in expected:
-            unknown.append(name)
-            continue
+        hf_name, shape = expected[name]
         type_name = tensor.tensor_type.name
         if type_name not in SUPPORTED_TENSOR_TYPES:
             raise ValueError(
                 f"{path.name}: tensor {name} has type {type_name}, which is not supported "
                 f"(supported: {', '.join(sorted(SUPPORTED_TENSOR_TYPES))})"
             )
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        if shape != expected[hf_name]:
-            raise ValueError(f"{path.name}: tensor {name} has shape {shape}, expected {expected[hf_name]}")
+        stored_shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # ggml lists dims innermost first
+        if stored_shape != shape:
+            raise ValueError(f"{path.name}: tensor {name} has shape {stored_shape}, expected {shape}")
         rope_heads = None
         if hf_name.endswith("q_proj.weight"):
             rope_heads = config.num_attention_heads
         elif hf_name.endswith("k_proj.weight"):
             rope_heads = config.num_key_value_heads
         plans.append(_TensorPlan(hf_name, tensor, rope_heads))
-    if unknown:
-        raise ValueError(f"{path.name}: tensors with no Llama counterpart: {', '.join(sorted(unknown))}")
-    missing = set(expected) - {p.hf_name for p in plans} - {"lm_head.weight"}
-    if missing:
-        raise ValueError(f"{path.name}: missing tensors for {', '.join(sorted(missing))}")
     return plans
 
 
-def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[gguf_name]
-    match = _LAYER_TENSOR_RE.fullmatch(gguf_name)
-    if match is None or match.group(2) not in _LAYER_TENSORS:
-        return None
-    return f"model.layers.{match.group(1)}.{_LAYER_TENSORS[match.group(2)]}.weight"
-
-
-def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
+def _expected_tensors(config) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """llama.cpp tensor name -> (HF name, HF shape) for every tensor a Llama GGUF may hold."""
     hidden, inter = config.hidden_size, config.intermediate_size
     q_rows = config.num_attention_heads * config.head_dim
     kv_rows = config.num_key_value_heads * config.head_dim
-    shapes = {
-        "model.embed_tokens.weight": (config.vocab_size, hidden),
-        "model.norm.weight": (hidden,),
-        "lm_head.weight": (config.vocab_size, hidden),
+    expected = {
+        "token_embd.weight": ("model.embed_tokens.weight", (config.vocab_size, hidden)),
+        "output_norm.weight": ("model.norm.weight", (hidden,)),
+        "output.weight": ("lm_head.weight", (config.vocab_size, hidden)),
     }
     per_layer = {
-        "self_attn.q_proj": (q_rows, hidden),
-        "self_attn.k_proj": (kv_rows, hidden),
-        "self_attn.v_proj": (kv_rows, hidden),
-        "self_attn.o_proj": (hidden, q_rows),
-        "mlp.gate_proj": (inter, hidden),
-        "mlp.up_proj": (inter, hidden),
-        "mlp.down_proj": (hidden, inter),
-        "input_layernorm": (hidden,),
-        "post_attention_layernorm": (hidden,),
+        "attn_q": ("self_attn.q_proj", (q_rows, hidden)),
+        "attn_k": ("self_attn.k_proj", (kv_rows, hidden)),
+        "attn_v": ("self_attn.v_proj", (kv_rows, hidden)),
+        "attn_output": ("self_attn.o_proj", (hidden, q_rows)),
+        "ffn_gate": ("mlp.gate_proj", (inter, hidden)),
+        "ffn_up": ("mlp.up_proj", (inter, hidden)),
+        "ffn_down": ("mlp.down_proj", (hidden, inter)),
+        "attn_norm": ("input_layernorm", (hidden,)),
+        "ffn_norm": ("post_attention_layernorm", (hidden,)),
     }
     for i in range(config.num_hidden_layers):
-        for module, shape in per_layer.items():
-            shapes[f"model.layers.{i}.{module}.weight"] = shape
-    return shapes
+        for gguf_module, (hf_module, shape) in per_layer.items():
+            expected[f"blk.{i}.{gguf_module}.weight"] = (f"model.layers.{i}.{hf_module}.weight", shape)
+    return expected
 
 
 def _unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -366,7 +353,13 @@ def _build_tokenizer(path: Path, metadata: dict[str, Any]):
     except Exception as exc:
         model = metadata.get("tokenizer.ggml.model")
         raise ValueError(f"{path.name}: cannot build a tokenizer (tokenizer.ggml.model={model!r}): {exc}") from exc
-    # Set it ourselves: older transformers releases drop the template while converting.
+    # Set special tokens and template ourselves: transformers releases differ in what they carry over
+    # (5.17 makes `<|im_start|>` the eos token of a ChatML file and drops its pad token).
+    tokens = metadata.get("tokenizer.ggml.tokens", [])
+    for attribute, key in _SPECIAL_TOKEN_KEYS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            setattr(tokenizer, attribute, tokens[token_id])
     template = metadata.get("tokenizer.chat_template")
     named = {
         key.removeprefix("tokenizer.chat_template."): value
