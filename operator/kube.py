@@ -188,6 +188,10 @@ class Kube:
             params={"fieldManager": FIELD_MANAGER, "force": "true"},
         )
 
+    async def merge_patch(self, obj: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("PATCH", object_path(obj), body=patch, content_type="application/merge-patch+json",
+                                  params={"fieldManager": FIELD_MANAGER})
+
     async def patch_status(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         return await self.request(
             "PATCH", object_path(obj, "status"), body={"status": status},

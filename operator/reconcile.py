@@ -44,6 +44,26 @@ def is_subset(want: Any, have: Any) -> bool:
     return want == have
 
 
+# Maps that must equal ours exactly, not merely contain it: an extra selector key would route nowhere.
+EXACT_MAPS = {"Service": [("spec", "selector")]}
+
+
+def stray_keys_patch(want: dict[str, Any], have: dict[str, Any]) -> dict[str, Any] | None:
+    """A merge patch removing keys someone else added to a map we own exactly (SSA would keep them)."""
+    patch: dict[str, Any] = {}
+    for keys in EXACT_MAPS.get(want["kind"], []):
+        wanted, current = want, have
+        for key in keys:
+            wanted, current = (wanted or {}).get(key) or {}, (current or {}).get(key) or {}
+        stray = {k: None for k in current if k not in wanted}
+        if stray:
+            node = patch
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = stray
+    return patch or None
+
+
 async def apply_child(kube: Kube, want: dict[str, Any], have: dict[str, Any] | None, result: Result) -> None:
     """Create the child, or server-side-apply it when it drifted from what we want."""
     ref = f"{want['kind']}/{want['metadata']['name']}"
@@ -54,8 +74,11 @@ async def apply_child(kube: Kube, want: dict[str, Any], have: dict[str, Any] | N
             return
         except Conflict:  # created meanwhile (another writer, or our cache was stale): compare with it
             have = await kube.get_or_none(object_path(want))
-    if have is not None and is_subset(want, have):
+    stray = stray_keys_patch(want, have) if have is not None else None
+    if have is not None and is_subset(want, have) and stray is None:
         return
+    if stray is not None:
+        await kube.merge_patch(want, stray)
     await kube.apply(want)
     result.writes.append(f"updated {ref}")
 

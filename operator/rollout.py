@@ -120,12 +120,12 @@ def plan(
     ready_now = serving is not None and (desired_replicas == 0 or available(serving, desired_replicas))
     waiting = _waiting(target, desired_replicas)
     exceeded = target is not None and target.deadline_exceeded and not green_ready
-    if target is None:
-        progressing = Verdict(True, "Creating", f"creating the Deployment of TP {target_tp}")
-    elif exceeded:
+    if exceeded:
         progressing = Verdict(False, PROGRESS_DEADLINE_EXCEEDED, waiting)
     elif serving_tp != target_tp:
         progressing = Verdict(True, "BlueGreen", f"TP {service_tp} -> {target_tp}: {waiting}")
+    elif target is None:
+        progressing = Verdict(True, "Creating", f"creating the Deployment of TP {target_tp}")
     elif not template_current(target, desired_replicas):
         progressing = Verdict(True, "RollingUpdate", waiting)
     elif not ready_now and not target.steady:

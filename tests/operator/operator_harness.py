@@ -116,8 +116,10 @@ class Cluster:
         return copy.deepcopy(obj.raw)
 
     def exists(self, resource: str, name: str, namespace: str = NS) -> bool:
-        key = (resource, namespace, name)
-        return key in self.server.objects and not self.server.objects[key].deleted
+        try:
+            return not self.server.objects[resource, namespace, name].deleted
+        except KeyError:
+            return False
 
     def names(self, resource: str, namespace: str = NS) -> list[str]:
         group_version, plural = resource.rsplit("/", 1)
@@ -145,14 +147,20 @@ class Cluster:
         assert resp.status == 200, await resp.text()
 
     async def set_deployment_status(self, name: str, namespace: str = NS, *, ready: int | None = None,
+                                    updated: int | None = None, total: int | None = None,
                                     progress: str = "NewReplicaSetAvailable") -> None:
-        """Play the Deployment controller: report `ready` of the wanted replicas Ready on the current template."""
+        """Play the Deployment controller: `total` pods, `updated` of them on the current template, `ready` Ready.
+
+        The defaults describe a finished rollout: every wanted pod current and Ready.
+        """
         dep = self.get(DEPLOYMENTS, name, namespace)
         replicas = dep["spec"]["replicas"]
         ready = replicas if ready is None else ready
+        updated = replicas if updated is None else updated
+        total = replicas if total is None else total
         generation = int(dep["metadata"].get("generation", 1))
         status = {
-            "observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas,
+            "observedGeneration": generation, "replicas": total, "updatedReplicas": updated,
             "readyReplicas": ready, "availableReplicas": ready,
             "conditions": [{"type": "Progressing", "status": "False" if progress.endswith("Exceeded") else "True",
                             "reason": progress}],
