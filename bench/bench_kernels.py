@@ -142,20 +142,21 @@ def decode_case(batch: int, ctx: int, l2: int, configs: dict[str, dict]) -> dict
     sets = [PagedSet(batch, ctx, 1, True, gen) for _ in range(rotations(moved, l2))]
     group = NUM_HEADS // NUM_KV_HEADS
     row = {"batch": batch, "ctx": ctx, "bytes": moved, "rotations": len(sets)}
-    for name, kwargs in configs.items():
-        ms = time_ms([s.triton_call(**kwargs) for s in sets])
-        row[f"{name}_ms"], row[f"{name}_gbs"] = ms, moved / ms / 1e6
 
     def sdpa(s: PagedSet):
         q = s.q.view(batch, NUM_KV_HEADS, group, HEAD_DIM)  # the group's heads as query rows
         return lambda: F.scaled_dot_product_attention(q, s.k, s.v, scale=SCALE)
 
+    ref = sdpa(sets[0])().reshape(batch, NUM_HEADS, HEAD_DIM)
+    for name, kwargs in configs.items():
+        ms = time_ms([s.triton_call(**kwargs) for s in sets])
+        row[f"{name}_ms"], row[f"{name}_gbs"] = ms, moved / ms / 1e6
+        sets[0].out.fill_(float("nan"))  # every configuration must compute the same function
+        sets[0].triton_call(**kwargs)()
+        row[f"{name}_rel_err_vs_sdpa"] = rel_err(sets[0].out, ref)
     ms = time_ms([sdpa(s) for s in sets])
     row["sdpa_ms"], row["sdpa_gbs"] = ms, moved / ms / 1e6
-    s = sets[0]
-    s.triton_call()()
-    ref = sdpa(s)().reshape(batch, NUM_HEADS, HEAD_DIM)
-    row["rel_err_vs_sdpa"] = rel_err(s.out, ref)
+    row["rel_err_vs_sdpa"] = row.pop("triton_rel_err_vs_sdpa")
     del sets
     torch.cuda.empty_cache()
     return row
@@ -192,11 +193,7 @@ def prefill_case(batch: int, seq_len: int, q_len: int, l2: int, configs: dict[st
     moved = kv_bytes(batch, seq_len) + 2 * batch * q_len * NUM_HEADS * HEAD_DIM * DTYPE.itemsize
     sets = [PagedSet(batch, seq_len, q_len, full, gen) for _ in range(rotations(moved, l2))]
     row = {"batch": batch, "seq_len": seq_len, "q_len": q_len, "flops": flops, "rotations": len(sets)}
-    for name, kwargs in configs.items():
-        ms = time_ms([s.triton_call(**kwargs) for s in sets])
-        row[f"{name}_ms"], row[f"{name}_tflops"] = ms, flops / ms / 1e9
     s = sets[0]
-    s.triton_call()()
     if full:  # SDPA's is_causal aligns the mask top-left, which only matches a prefill without prefix
         calls = []
         for t in sets:
@@ -206,16 +203,23 @@ def prefill_case(batch: int, seq_len: int, q_len: int, l2: int, configs: dict[st
         ms = time_ms(calls)
         row["sdpa_flash_ms"], row["sdpa_flash_tflops"], row["sdpa_how"] = ms, flops / ms / 1e9, how
         q4 = s.q.view(batch, seq_len, NUM_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
-        ref = sdpa_flash(q4, s.k, s.v)[0]().transpose(1, 2).reshape_as(s.out)
-        row["rel_err_vs_sdpa"] = rel_err(s.out, ref)
+        ref, ref_rows, ref_name = sdpa_flash(q4, s.k, s.v)[0]().transpose(1, 2).reshape_as(s.out), None, "sdpa"
     else:
-        b = 0  # check one sequence against the fp32 torch reference
-        lo, hi = b * q_len, (b + 1) * q_len
+        # Check the first sequence against the fp32 torch reference (a CPU function).
+        ref_rows = slice(0, q_len)
         ref = reference.paged_attention(
-            s.q[lo:hi].float(), s.k_cache.float(), s.v_cache.float(), s.block_tables[b : b + 1],
-            s.seq_lens[b : b + 1], torch.tensor([0, q_len], dtype=torch.int32, device="cuda"), SCALE,
+            s.q[ref_rows].float().cpu(), s.k_cache.float().cpu(), s.v_cache.float().cpu(),
+            s.block_tables[:1].cpu(), s.seq_lens[:1].cpu(), torch.tensor([0, q_len], dtype=torch.int32), SCALE,
         )
-        row["rel_err_vs_reference"] = rel_err(s.out[lo:hi], ref)
+        ref_name = "reference"
+    for name, kwargs in configs.items():
+        ms = time_ms([t.triton_call(**kwargs) for t in sets])
+        row[f"{name}_ms"], row[f"{name}_tflops"] = ms, flops / ms / 1e9
+        s.out.fill_(float("nan"))
+        s.triton_call(**kwargs)()
+        out = s.out if ref_rows is None else s.out[ref_rows]
+        row[f"{name}_rel_err_vs_{ref_name}"] = rel_err(out.cpu(), ref.cpu())
+    row[f"rel_err_vs_{ref_name}"] = row.pop(f"triton_rel_err_vs_{ref_name}")
     del sets
     torch.cuda.empty_cache()
     return row
@@ -223,22 +227,21 @@ def prefill_case(batch: int, seq_len: int, q_len: int, l2: int, configs: dict[st
 
 # ------------------------------------------------------------------------------------------ driver
 DECODE_SWEEP = {
-    "bn32_w4_s3": dict(dec_block_n=32, dec_warps=4, dec_stages=3),
-    "bn128_w4_s3": dict(dec_block_n=128, dec_warps=4, dec_stages=3),
-    "bn64_w4_s4": dict(dec_block_n=64, dec_warps=4, dec_stages=4),
-    "bn64_w4_s2": dict(dec_block_n=64, dec_warps=4, dec_stages=2),
-    "bn64_w8_s3": dict(dec_block_n=64, dec_warps=8, dec_stages=3),
-    "bn128_w8_s3": dict(dec_block_n=128, dec_warps=8, dec_stages=3),
+    "seq_major": dict(dec_head_major=False),
+    "per_sm1": dict(dec_programs_per_sm=1),
+    "per_sm3": dict(dec_programs_per_sm=3),
+    "per_sm4": dict(dec_programs_per_sm=4),
     "minpart512": dict(dec_min_partition=512),
-    "minpart1024": dict(dec_min_partition=1024),
-    "per_sm2": dict(dec_programs_per_sm=2),
-    "per_sm8": dict(dec_programs_per_sm=8, dec_min_partition=128),
+    "bn128_w4": dict(dec_block_n=128),
+    "bn64_w8": dict(dec_warps=8),
+    "bn128_w8": dict(dec_block_n=128, dec_warps=8),
 }
 PREFILL_SWEEP = {
-    "m128_n128_w8_s3": dict(pf_block_m=128, pf_block_n=128, pf_warps=8, pf_stages=3),
-    "m128_n64_w8_s4": dict(pf_block_m=128, pf_block_n=64, pf_warps=8, pf_stages=4),
-    "m128_n64_w4_s3": dict(pf_block_m=128, pf_block_n=64, pf_warps=4, pf_stages=3),
+    "m128_n64_w8_s3": dict(pf_block_m=128, pf_block_n=64, pf_warps=8, pf_stages=3),
+    "m128_n128_w8_s2": dict(pf_block_m=128, pf_block_n=128, pf_warps=8, pf_stages=2),
+    "m128_n128_w8_s4": dict(pf_block_m=128, pf_block_n=128, pf_warps=8, pf_stages=4),
     "m64_n64_w4_s3": dict(pf_block_m=64, pf_block_n=64, pf_warps=4, pf_stages=3),
+    "m64_n128_w4_s3": dict(pf_block_m=64, pf_block_n=128, pf_warps=4, pf_stages=3),
     "m128_n32_w4_s3": dict(pf_block_m=128, pf_block_n=32, pf_warps=4, pf_stages=3),
 }
 
@@ -268,12 +271,25 @@ def versions() -> dict:
     return info
 
 
-def run_section(results: dict, key: str, fn):
+def guarded(results: dict, label: str, fn):
+    """``fn()``, or None with the traceback kept under ``results["errors"][label]``: one broken shape must
+    not lose the other numbers of a run."""
     try:
-        results[key] = fn()
-    except Exception:  # one broken section must not lose the others' numbers
-        results.setdefault("errors", {})[key] = traceback.format_exc()
-        print(results["errors"][key], file=sys.stderr, flush=True)
+        return fn()
+    except Exception:
+        results.setdefault("errors", {})[label] = traceback.format_exc()
+        print(results["errors"][label], file=sys.stderr, flush=True)
+        return None
+
+
+def best_variant(row: dict, suffix: str) -> str:
+    """The fastest swept configuration of a row, as 'name value' (empty without a sweep)."""
+    skip = {f"triton{suffix}", f"sdpa{suffix}", f"sdpa_flash{suffix}"}
+    swept = {k[: -len(suffix)]: v for k, v in row.items() if k.endswith(suffix) and k not in skip}
+    if not swept:
+        return ""
+    name = max(swept, key=swept.get)
+    return f"  best swept: {name} {swept[name]:,.0f}"
 
 
 def print_table(res: dict) -> None:
@@ -285,13 +301,13 @@ def print_table(res: dict) -> None:
     for r in res.get("decode", []):
         t, s = r["triton_gbs"], r["sdpa_gbs"]
         print(f"{'':29}{r['batch']:>5} {r['ctx']:>5} {t:8,.0f} {100 * t / copy:5.1f}% {s:7,.0f} "
-              f"{t / s:8.2f}x  {r['rel_err_vs_sdpa']:.1e}")
+              f"{t / s:8.2f}x  {r['rel_err_vs_sdpa']:.1e}{best_variant(r, '_gbs')}")
     print("prefill (TFLOP/s, causal)    batch  seq_len q_len  triton  sdpa-flash  ratio")
     for r in res.get("prefill", []):
         s = r.get("sdpa_flash_tflops")
         ratio = f"{r['triton_tflops'] / s:6.2f}" if s else "   n/a"
         print(f"{'':29}{r['batch']:>5} {r['seq_len']:>7} {r['q_len']:>5} {r['triton_tflops']:7.1f} "
-              f"{s if s else float('nan'):10.1f} {ratio}")
+              f"{s if s else float('nan'):10.1f} {ratio}{best_variant(r, '_tflops')}")
 
 
 def main() -> None:
@@ -311,7 +327,7 @@ def main() -> None:
         "default_config": attn._config(HEAD_DIM, False, 2048),
     }
     l2 = res["versions"]["l2_bytes"]
-    run_section(res, "ceilings", measure_ceilings)
+    res["ceilings"] = guarded(res, "ceilings", measure_ceilings) or {}
     print("ceilings", res.get("ceilings"), flush=True)
 
     def decode_all():
@@ -320,22 +336,27 @@ def main() -> None:
             configs = {"triton": {}}
             if args.sweep and batch >= 32 and ctx >= 2048:
                 configs.update(DECODE_SWEEP)
-            rows.append(decode_case(batch, ctx, l2, configs))
-            print("decode", rows[-1], flush=True)
+            row = guarded(res, f"decode {batch}x{ctx}", lambda: decode_case(batch, ctx, l2, configs))  # noqa: B023
+            if row:
+                rows.append(row)
+                print("decode", row, flush=True)
         return rows
 
     def prefill_all():
         rows = []
         for batch, seq_len, q_len in ((8, 2048, 2048), (1, 8192, 8192), (32, 512, 512), (8, 4096, 512)):
             configs = {"triton": {}}
-            if args.sweep and (batch, seq_len) in ((8, 2048), (1, 8192)):
+            if args.sweep and q_len == seq_len:
                 configs.update(PREFILL_SWEEP)
-            rows.append(prefill_case(batch, seq_len, q_len, l2, configs))
-            print("prefill", rows[-1], flush=True)
+            row = guarded(res, f"prefill {batch}x{seq_len}/{q_len}",
+                          lambda: prefill_case(batch, seq_len, q_len, l2, configs))  # noqa: B023
+            if row:
+                rows.append(row)
+                print("prefill", row, flush=True)
         return rows
 
-    run_section(res, "decode", decode_all)
-    run_section(res, "prefill", prefill_all)
+    res["decode"] = decode_all()
+    res["prefill"] = prefill_all()
     path = args.json or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"kernels_{gpu_slug(res['versions']['gpu'])}.json"
     )

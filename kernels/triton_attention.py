@@ -53,11 +53,18 @@ def _decode_kernel(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_ps, stride_ph,
     HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr, HEAD_MAJOR: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    if HEAD_MAJOR:
+        # The KV heads of one (sequence, split) run side by side: they read neighbouring 256-byte rows of
+        # the same cache blocks at about the same time.
+        kv_head = tl.program_id(0)
+        split = tl.program_id(1)
+        seq = tl.program_id(2)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if q_len != 1:
@@ -277,12 +284,13 @@ def _config(head_dim: int, interpreted: bool, max_query_len: int):
     if interpreted:
         # Small tiles so that small test shapes still cross many tile and page boundaries.
         return dict(dec_block_n=16, dec_warps=4, dec_stages=1, dec_min_partition=32, dec_programs_per_sm=4,
-                    pf_block_m=16, pf_block_n=16, pf_warps=4, pf_stages=1)
+                    dec_head_major=True, pf_block_m=16, pf_block_n=16, pf_warps=4, pf_stages=1)
     pf_block_m = 128 if max_query_len > 64 else (64 if max_query_len > 16 else 16)
     return dict(
-        dec_block_n=64, dec_warps=4, dec_stages=3, dec_min_partition=256, dec_programs_per_sm=4,
-        pf_block_m=pf_block_m, pf_block_n=64, pf_warps=8 if head_dim >= 128 and pf_block_m == 128 else 4,
-        pf_stages=3,
+        dec_block_n=64, dec_warps=4, dec_stages=3, dec_min_partition=256, dec_programs_per_sm=2,
+        dec_head_major=True,
+        pf_block_m=pf_block_m, pf_block_n=128 if head_dim >= 128 and pf_block_m == 128 else 64,
+        pf_warps=8 if head_dim >= 128 and pf_block_m == 128 else 4, pf_stages=3,
     )
 
 
@@ -341,14 +349,15 @@ def paged_attention_launch(
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    grid = (num_kv_heads, num_splits, num_seqs) if cfg["dec_head_major"] else (num_seqs, num_kv_heads, num_splits)
+    _decode_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse,
         qk_scale, decode_partition, group,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *common_strides, block_tables.stride(0),
         num_heads * num_splits * head_dim, num_splits * head_dim,
         HEAD_DIM=head_dim, GROUP_PAD=max(16, triton.next_power_of_2(group)), PAGE_SIZE=block_size,
-        BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, UPCAST_DOT=interpreted,
+        BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, UPCAST_DOT=interpreted, HEAD_MAJOR=cfg["dec_head_major"],
         num_warps=cfg["dec_warps"], num_stages=cfg["dec_stages"],
     )
     if num_splits > 1:

@@ -59,7 +59,7 @@ attention, norm, pointwise, ops = _load_kernels()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
+    out, ref = out.double().cpu(), ref.double().cpu()
     return float((out - ref).norm() / ref.norm())
 
 
