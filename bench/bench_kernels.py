@@ -246,6 +246,26 @@ PREFILL_SWEEP = {
 }
 
 
+def kernel_resources() -> dict:
+    """Registers, spills and shared memory of every compiled variant of the attention kernels."""
+    report = {}
+    for name in ("_decode_kernel", "_prefill_kernel", "_merge_kernel"):
+        variants = []
+        for cache in getattr(getattr(attn, name), "device_caches", {}).values():
+            kernels = cache[0] if isinstance(cache, tuple) else cache
+            for compiled in kernels.values():
+                meta = getattr(compiled, "metadata", None)
+                variants.append({
+                    "n_regs": getattr(compiled, "n_regs", None),
+                    "n_spills": getattr(compiled, "n_spills", None),
+                    "shared": getattr(meta, "shared", None),
+                    "num_warps": getattr(meta, "num_warps", None),
+                    "num_stages": getattr(meta, "num_stages", None),
+                })
+        report[name] = variants
+    return report
+
+
 def gpu_slug(name: str) -> str:
     match = re.search(r"\b([A-Z]\d{2,4}[A-Za-z]*)\b", name.replace("NVIDIA ", ""))
     return (match.group(1) if match else re.sub(r"\W+", "_", name)).lower()
@@ -357,6 +377,7 @@ def main() -> None:
 
     res["decode"] = decode_all()
     res["prefill"] = prefill_all()
+    res["kernel_resources"] = guarded(res, "kernel_resources", kernel_resources)
     path = args.json or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"kernels_{gpu_slug(res['versions']['gpu'])}.json"
     )
