@@ -43,6 +43,16 @@ def nested(model: type[BaseModel], **kwargs: Any) -> Any:
     return Field(default_factory=model, json_schema_extra={"default": {}}, **kwargs)
 
 
+def empty_list(**kwargs: Any) -> Any:
+    """A list that defaults to `[]` in the schema too, so CEL rules can always read it."""
+    extra = {"default": [], **kwargs.pop("json_schema_extra", {})}
+    return Field(default_factory=list, json_schema_extra=extra, **kwargs)
+
+
+def empty_map(**kwargs: Any) -> Any:
+    return Field(default_factory=dict, json_schema_extra={"default": {}}, **kwargs)
+
+
 class Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
 
@@ -142,8 +152,7 @@ class AutoscalingSpec(Model):
     target_kv_cache_usage: float = Field(0.8, gt=0, le=1, description="KV-cache use per replica, 0..1.")
     scale_up_stabilization_seconds: int = Field(0, ge=0, le=3600)
     scale_down_stabilization_seconds: int = Field(300, ge=0, le=86400)
-    allowed_tensor_parallel_sizes: list[int] = Field(
-        default_factory=list,
+    allowed_tensor_parallel_sizes: list[int] = empty_list(
         max_length=4,
         json_schema_extra=rules(("self.all(d, d in [1, 2, 4, 8])", "allowed TP degrees must be among 1, 2, 4, 8")),
         description="TP degrees the autoscaler may switch between; empty keeps spec.tensorParallelSize.",
@@ -178,8 +187,8 @@ class Toleration(Model):
 
 
 class SchedulingSpec(Model):
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    node_selector: dict[str, str] = empty_map()
+    tolerations: list[Toleration] = empty_list(max_length=32)
     affinity: dict[str, Any] | None = Field(None, description="A core/v1 Affinity, passed to the pods as is.")
     priority_class_name: str | None = Field(None, max_length=253)
 
@@ -193,7 +202,8 @@ class LLMDeploymentSpec(Model):
     model_config = ConfigDict(
         json_schema_extra=rules(
             (
-                "self.autoscaling.allowedTensorParallelSizes.size() == 0"
+                "!has(self.autoscaling.allowedTensorParallelSizes)"
+                " || self.autoscaling.allowedTensorParallelSizes.size() == 0"
                 " || self.tensorParallelSize in self.autoscaling.allowedTensorParallelSizes",
                 "tensorParallelSize must be one of autoscaling.allowedTensorParallelSizes",
                 ".tensorParallelSize",
@@ -214,8 +224,8 @@ class LLMDeploymentSpec(Model):
     model: ModelSource
     image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=1024)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    args: list[str] = Field(default_factory=list, max_length=64, description="Extra `pagedserve serve` flags.")
-    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    args: list[str] = empty_list(max_length=64, description="Extra `pagedserve serve` flags.")
+    env: list[EnvVar] = empty_list(max_length=64)
     engine: EngineSpec = nested(EngineSpec)
     tensor_parallel_size: int = Field(
         1,
