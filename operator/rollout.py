@@ -113,7 +113,8 @@ def plan(
         notes.append(f"switching traffic from TP {service_tp} to TP {target_tp}: {desired_replicas} replicas Ready")
     else:
         serving_tp, serving = service_tp, old
-    keep = {target_tp, serving_tp} if blue_green else {target_tp}
+    # The blue generation outlives the switch by one pass, so endpoints move before its pods are told to stop.
+    keep = {target_tp, service_tp} if blue_green else {target_tp}
     delete_tps = tuple(sorted(tp for tp in deployments if tp not in keep))
     notes.extend(f"removing the Deployment of TP {tp}" for tp in delete_tps)
 
