@@ -22,8 +22,24 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VPY) -m ruff check .
 
-test: $(STAMP) lint
+test: $(STAMP) lint helm
 	$(VPY) -m pytest tests
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The operator's CRD is generated from operator/api.py; the chart ships a copy.
+.PHONY: crds helm
+crds: $(STAMP)
+	$(VPY) -m pagedserve.operator.crdgen > crds/llmdeployments.pagedserve.io.yaml
+	cp crds/llmdeployments.pagedserve.io.yaml charts/pagedserve-operator/crds/
+
+# helm for `helm lint` in tests (and the e2e cluster), built with Go into ~/.cache/pagedserve/bin.
+HELM_VERSION := v3.19.0
+HELM := $(HOME)/.cache/pagedserve/bin/helm
+helm: $(HELM)
+$(HELM):
+	@if command -v go >/dev/null; then \
+		echo "building helm $(HELM_VERSION) (first time only)"; \
+		GOBIN=$(dir $(HELM)) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION); \
+	else echo "go not found: helm tests will be skipped (install Go, or set HELM=/path/to/helm)"; fi

@@ -171,3 +171,13 @@ def test_hash_moves_with_every_spec_change_and_only_then() -> None:
         builders.ANNOTATION_CONFIG_HASH] for s in changed}
     hashes.add(base["metadata"]["annotations"][builders.ANNOTATION_CONFIG_HASH])
     assert len(hashes) == 4
+
+
+def test_children_validate_against_kubernetes_schemas() -> None:
+    """The API server's own published schemas (kubernetes-validate) accept every child, strictly."""
+    import kubernetes_validate
+
+    for spec in (SMOLLM2, LLAMA):
+        for obj in (builders.build_deployment("x", "demo", spec, 2, 1), builders.build_service("x", "demo", spec, 2),
+                    builders.build_pdb("x", "demo")):
+            kubernetes_validate.validate(obj, "1.31", strict=True)
