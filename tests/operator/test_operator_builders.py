@@ -113,11 +113,10 @@ def test_llama_gpus_pvc_and_node_selector() -> None:
 
 
 def test_uri_source_fetches_in_an_init_container_and_api_key_from_secret() -> None:
-    spec = SMOLLM2.model_copy(update={
-        "model": SMOLLM2.model.model_copy(update={"host_path": None, "uri": "hf://HuggingFaceTB/SmolLM2-135M@v2"}),
-        "engine": SMOLLM2.engine.model_copy(update={"api_key_secret": {"name": "keys", "key": "api"}}),
-    })
-    spec = LLMDeploymentSpec.model_validate(spec.model_dump(by_alias=True))
+    raw = SMOLLM2.model_dump(by_alias=True, exclude_none=True)
+    raw["model"] = {"uri": "hf://HuggingFaceTB/SmolLM2-135M@v2", "name": "smollm2-135m-instruct"}
+    raw["engine"]["apiKeySecret"] = {"name": "keys", "key": "api"}
+    spec = LLMDeploymentSpec.model_validate(raw)
     pod = builders.build_deployment("smollm2", "demo", spec, tp=1, replicas=1)["spec"]["template"]
     init = pod["spec"]["initContainers"][0]
     assert init["command"] == ["python3", "-m", "pagedserve.operator.fetch"]
