@@ -28,6 +28,17 @@ test: $(STAMP) lint helm
 clean-venv:
 	rm -rf $(VENV)
 
+# Local Kubernetes cluster (e2e/cluster): real kube-apiserver, etcd, controllers; pods run by our node agent.
+.PHONY: cluster cluster-down e2e
+cluster: $(STAMP)
+	$(VPY) -m e2e.cluster up
+
+cluster-down:
+	@if [ -x $(VPY) ]; then $(VPY) -m e2e.cluster down; else echo "no .venv: nothing to stop"; fi
+
+e2e: $(STAMP)
+	$(VPY) -m pytest e2e
+
 # The operator's CRD is generated from operator/api.py; the chart ships a copy.
 .PHONY: crds helm
 crds: $(STAMP)

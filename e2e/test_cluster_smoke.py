@@ -11,7 +11,7 @@ import json
 import urllib.request
 from pathlib import Path
 
-from e2e.cluster.client import Cluster, container_pid, wait_for
+from e2e.cluster.client import Cluster, container_pid, in_container, wait_for
 from e2e.cluster.daemons import alive
 
 CONTENT = "hello from a pod of the local cluster\n"
@@ -83,7 +83,7 @@ def test_deployment_runs_serves_and_stops(cluster: Cluster, namespace: str) -> N
 
     # The ServiceAccount token sits at the standard path inside the process's own mount namespace, and
     # the API server accepts it as this pod's ServiceAccount.
-    token = Path(f"/proc/{pid}/root/var/run/secrets/kubernetes.io/serviceaccount/token").read_text()
+    token = in_container(pid, "cat", "/var/run/secrets/kubernetes.io/serviceaccount/token")
     review = cluster.kubectl("create", "-o", "json", "-f", "-", input=json.dumps({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}))  # fmt: skip
     user = json.loads(review.stdout)["status"]["user"]

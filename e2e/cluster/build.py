@@ -1,8 +1,8 @@
 """Build the control plane binaries from Kubernetes' published Go modules, once, into the cache.
 
 `python -m e2e.cluster.build` builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-helm and etcd from the wrapper module in k8sbuild/ into versions.BIN_DIR. A stamp (hash of go.mod, go.sum,
-the link flags and the Go version) makes a second run return at once.
+helm and etcd from the wrapper module in k8sbuild/, and Prometheus from prombuild/, into versions.BIN_DIR.
+A stamp per module (hash of its files, the link flags and the Go version) makes a second run return at once.
 """
 
 from __future__ import annotations
@@ -26,47 +26,59 @@ SILENCE_LIMIT_S = 900
 PROGRESS_EVERY_S = 15
 
 
-def _kube_ldflags() -> list[str]:
-    """Version stamps so `kubectl version` and Helm's kubeVersion checks see v1.37.2, not v0.0.0."""
-    major, minor = versions.KUBE_VERSION.lstrip("v").split(".")[:2]
-    flags = []
-    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
-        flags += [
-            f"-X {pkg}.gitVersion={versions.KUBE_VERSION}",
-            f"-X {pkg}.gitMajor={major}",
-            f"-X {pkg}.gitMinor={minor}",
-            f"-X {pkg}.gitTreeState=clean",
-        ]
-    flags.append(f"-X helm.sh/helm/v3/internal/version.version={versions.HELM_VERSION}")
-    flags.append("-X helm.sh/helm/v3/internal/version.gitTreeState=clean")
-    return flags
+def _ldflags(build: versions.GoBuild) -> str:
+    """Version stamps, so `kubectl version` and Helm's kubeVersion checks see v1.37.2, not v0.0.0."""
+    flags = ["-s", "-w"]
+    if build.module_dir.name == "k8sbuild":
+        major, minor = versions.KUBE_VERSION.lstrip("v").split(".")[:2]
+        for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+            flags += [
+                f"-X {pkg}.gitVersion={versions.KUBE_VERSION}",
+                f"-X {pkg}.gitMajor={major}",
+                f"-X {pkg}.gitMinor={minor}",
+                f"-X {pkg}.gitTreeState=clean",
+            ]
+        flags.append(f"-X helm.sh/helm/v3/internal/version.version={versions.HELM_VERSION}")
+        flags.append("-X helm.sh/helm/v3/internal/version.gitTreeState=clean")
+    else:
+        # Module v0.316.0 is Prometheus 3.16.0.
+        release = "3." + versions.PROMETHEUS_VERSION.split(".")[1][1:] + "." + versions.PROMETHEUS_VERSION.split(".")[2]
+        flags.append(f"-X github.com/prometheus/common/version.Version={release}")
+    return " ".join(flags)
 
 
-def ldflags() -> str:
-    return " ".join(["-s", "-w", *_kube_ldflags()])
-
-
-def _stamp(go_version: str) -> str:
+def _stamp(build: versions.GoBuild, go_version: str) -> str:
     digest = hashlib.sha256()
-    for name in ("go.mod", "go.sum", "cmd/etcd/main.go"):
-        digest.update((versions.K8SBUILD_DIR / name).read_bytes())
-    digest.update(ldflags().encode())
+    for path in sorted(build.module_dir.rglob("*")):
+        if path.is_file() and (path.suffix in (".go", ".mod", ".sum")):
+            digest.update(path.relative_to(build.module_dir).as_posix().encode())
+            digest.update(path.read_bytes())
+    digest.update(_ldflags(build).encode())
+    digest.update(build.tags.encode())
     digest.update(go_version.encode())
-    digest.update(" ".join(sorted(versions.GO_COMMANDS)).encode())
+    digest.update(" ".join(sorted(build.commands)).encode())
     return digest.hexdigest()
 
 
-def binaries_ready(bin_dir: Path = versions.BIN_DIR) -> bool:
-    """True when every binary exists and was built from the current wrapper module."""
-    stamp_file = bin_dir / ".stamp"
-    if not stamp_file.exists() or not all((bin_dir / n).exists() for n in versions.GO_COMMANDS):
+def _stamp_file(build: versions.GoBuild, bin_dir: Path) -> Path:
+    return bin_dir / f".stamp-{build.module_dir.name}"
+
+
+def _build_ready(build: versions.GoBuild, go_version: str | None, bin_dir: Path = versions.BIN_DIR) -> bool:
+    stamp = _stamp_file(build, bin_dir)
+    if not stamp.exists() or not all((bin_dir / n).exists() for n in build.commands):
         return False
+    # Without Go the built binaries are still usable; the stamp only guards against stale ones.
+    return go_version is None or stamp.read_text().strip() == _stamp(build, go_version)
+
+
+def binaries_ready(bin_dir: Path = versions.BIN_DIR) -> bool:
+    """True when every binary exists and was built from the current wrapper modules."""
     try:
-        go_version = require_go()
+        go_version: str | None = require_go()
     except PrerequisiteMissing:
-        # Built binaries are usable without Go; the stamp only guards against stale ones.
-        return True
-    return stamp_file.read_text().strip() == _stamp(go_version)
+        go_version = None
+    return all(_build_ready(b, go_version, bin_dir) for b in versions.BUILDS)
 
 
 def _build_env() -> dict[str, str]:
@@ -78,11 +90,11 @@ def _build_env() -> dict[str, str]:
     return env
 
 
-def _count_packages(packages: list[str], env: dict[str, str]) -> int | None:
+def _count_packages(build: versions.GoBuild, env: dict[str, str]) -> int | None:
     try:
         out = subprocess.run(
-            ["go", "list", "-deps", *packages],
-            cwd=versions.K8SBUILD_DIR,
+            ["go", "list", "-deps", *(["-tags", build.tags] if build.tags else []), *build.commands.values()],
+            cwd=build.module_dir,
             env=env,
             capture_output=True,
             text=True,
@@ -106,30 +118,45 @@ def _stream(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
     return lines
 
 
-def build(force: bool = False, log=print) -> Path:
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build(force: bool = False, log=_say) -> Path:
     """Build (or reuse) every binary; returns the folder holding them."""
     go_version = require_go()
-    if not force and binaries_ready():
+    todo = [b for b in versions.BUILDS if force or not _build_ready(b, go_version)]
+    if not todo:
         log(f"control plane binaries: cached in {versions.BIN_DIR}")
         return versions.BIN_DIR
-
-    env = _build_env()
-    packages = list(versions.GO_COMMANDS.values())
     log(
-        f"building Kubernetes {versions.KUBE_VERSION}, etcd {versions.ETCD_VERSION}, helm {versions.HELM_VERSION}"
-        f" with {go_version} (first time only: 20-40 minutes on 2 cores)"
+        f"building Kubernetes {versions.KUBE_VERSION}, etcd {versions.ETCD_VERSION}, helm {versions.HELM_VERSION},"
+        f" Prometheus {versions.PROMETHEUS_VERSION} with {go_version}"
+        " (first time only: about 20 minutes on 2 free cores, longer on a busy machine)"
     )
-    log("  listing packages (downloads modules on a fresh machine) ...")
-    total = _count_packages(packages, env)
-    staging = versions.BIN_DIR.with_name("bin.partial")
+    versions.BIN_DIR.mkdir(parents=True, exist_ok=True)
+    for b in todo:
+        _build_one(b, go_version, log)
+    return versions.BIN_DIR
+
+
+def _build_one(build: versions.GoBuild, go_version: str, log) -> None:
+    env = _build_env()
+    names = ", ".join(build.commands)
+    log(f"  {names}: listing packages (downloads modules on a fresh machine) ...")
+    total = _count_packages(build, env)
+    staging = versions.BIN_DIR.with_name(f"bin.partial-{build.module_dir.name}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    cmd = ["go", "build", "-v", "-trimpath", f"-ldflags={ldflags()}", "-o", str(staging) + "/", *packages]
-    log_path = versions.CACHE_ROOT / "build.log"
+    cmd = ["go", "build", "-v", "-trimpath", f"-ldflags={_ldflags(build)}", "-o", str(staging) + "/"]
+    if build.tags:
+        cmd.insert(2, f"-tags={build.tags}")
+    cmd += list(build.commands.values())
+    log_path = versions.CACHE_ROOT / f"build-{build.module_dir.name}.log"
     started = time.monotonic()
     proc = subprocess.Popen(
         ["nice", "-n", "19", *cmd],
-        cwd=versions.K8SBUILD_DIR,
+        cwd=build.module_dir,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -161,11 +188,11 @@ def build(force: bool = False, log=print) -> Path:
     if proc.wait() != 0:
         sys.stderr.write("\n".join(tail) + "\n")
         raise RuntimeError(f"go build failed (exit {proc.returncode}); full log: {log_path}")
-    (staging / ".stamp").write_text(_stamp(go_version) + "\n")
-    shutil.rmtree(versions.BIN_DIR, ignore_errors=True)
-    staging.rename(versions.BIN_DIR)
-    log(f"  built in {int(time.monotonic() - started)}s into {versions.BIN_DIR}")
-    return versions.BIN_DIR
+    for name in build.commands:
+        os.replace(staging / name, versions.BIN_DIR / name)
+    _stamp_file(build, versions.BIN_DIR).write_text(_stamp(build, go_version) + "\n")
+    shutil.rmtree(staging, ignore_errors=True)
+    log(f"  {names}: built in {int(time.monotonic() - started)}s into {versions.BIN_DIR}")
 
 
 def main() -> int:

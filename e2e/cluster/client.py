@@ -119,3 +119,11 @@ def container_pid(pod: dict, container: str | None = None) -> int:
     statuses = pod["status"]["containerStatuses"]
     status = statuses[0] if container is None else next(s for s in statuses if s["name"] == container)
     return int(status["containerID"].rsplit("-", 1)[1])
+
+
+def in_container(pid: int, *command: str) -> str:
+    """Run a command in a container's mount namespace (so its volumes are where the manifest put them)."""
+    done = subprocess.run(["nsenter", "-t", str(pid), "-m", *command], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} in pid {pid}: {done.stderr.strip()}")
+    return done.stdout

@@ -46,6 +46,7 @@ def identities(layout: Layout) -> list[Identity]:
         Identity("admin", "pagedserve-admin", groups=("system:masters",)),
         Identity("kube-controller-manager", "system:kube-controller-manager"),
         Identity("kube-scheduler", "system:kube-scheduler"),
+        Identity("front-proxy-client", "front-proxy-client"),
         Identity("prometheus", "pagedserve:prometheus"),
         Identity("serviceproxy", "pagedserve:service-proxy"),
     ]
@@ -83,7 +84,7 @@ def make_pki(layout: Layout) -> Pki:
         pki.issue(ident)
     pki.make_service_account_keys()
     for ident in identities(layout):
-        if ident.client and ident.name not in ("etcd", "apiserver-etcd-client", "apiserver-kubelet-client"):
+        if ident.client and ident.name not in ("etcd", "apiserver-etcd-client", "apiserver-kubelet-client", "front-proxy-client"):
             write_kubeconfig(layout, pki, ident.name, ident.user)
     return pki
 
@@ -137,6 +138,13 @@ def start_apiserver(layout: Layout, bins: Path, pki: Pki) -> None:
         f"--bind-address={layout.host}", f"--secure-port={layout.apiserver_port}", f"--advertise-address={layout.host}",
         f"--tls-cert-file={pki.cert('apiserver')}", f"--tls-private-key-file={pki.key('apiserver')}",
         f"--client-ca-file={pki.ca_cert}",
+        # The aggregation layer's front proxy, which delegated authentication (controller-manager,
+        # scheduler, kopf webhooks, extension API servers) expects to find configured.
+        f"--requestheader-client-ca-file={pki.ca_cert}", "--requestheader-allowed-names=front-proxy-client",
+        "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki.cert('front-proxy-client')}",
+        f"--proxy-client-key-file={pki.key('front-proxy-client')}",
         "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
         f"--service-cluster-ip-range={layout.service_cidr}",
         f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
@@ -215,6 +223,8 @@ def start_nodes(layout: Layout) -> None:
             f"--kubeconfig={layout.kubeconfig(node.name)}", f"--state-dir={layout.node_dir(node.name)}",
             f"--api-server={layout.host}:{layout.apiserver_port}", f"--cluster-id={layout.cluster_id}",
             f"--kube-version={versions.KUBE_VERSION}",
+            f"--tls-cert={layout.pki_dir / f'{node.name}-serving.crt'}",
+            f"--tls-key={layout.pki_dir / f'{node.name}-serving.key'}", f"--client-ca={layout.pki_dir / 'ca.crt'}",
         ], env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})  # fmt: skip
     daemons.start(layout, "serviceproxy", [
         sys.executable, "-m", "e2e.cluster.serviceproxy", f"--kubeconfig={layout.kubeconfig('serviceproxy')}",
@@ -244,8 +254,8 @@ def prometheus_config(layout: Layout, pki: Pki) -> dict:
     }  # fmt: skip
 
 
-def start_prometheus(layout: Layout, pki: Pki) -> None:
-    binary = prereqs.require_prometheus()
+def start_prometheus(layout: Layout, bins: Path, pki: Pki) -> None:
+    binary = str(bins / "prometheus")
     folder = layout.root / "prometheus"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(layout, pki), sort_keys=False))
@@ -291,8 +301,6 @@ def up(layout: Layout | None = None, with_prometheus: bool = True) -> Layout:
     started = time.monotonic()
     layout = layout or Layout()
     prereqs.require_openssl()
-    if with_prometheus:
-        prereqs.require_prometheus()
     bins = build.build(log=say)
     existing = layout.root / "cluster.json"
     if existing.exists():
@@ -317,7 +325,7 @@ def up(layout: Layout | None = None, with_prometheus: bool = True) -> Layout:
         ("nodes Ready, default ServiceAccount", lambda: wait_cluster_usable(layout)),
     ]
     if with_prometheus:
-        steps.append(("prometheus", lambda: start_prometheus(layout, pki)))
+        steps.append(("prometheus", lambda: start_prometheus(layout, bins, pki)))
     t = time.monotonic()
     try:
         for name, step in steps:
@@ -329,6 +337,22 @@ def up(layout: Layout | None = None, with_prometheus: bool = True) -> Layout:
         raise
     say(f"cluster up in {time.monotonic() - started:.0f}s")
     return layout
+
+
+def remove_created_mount_points(layout: Layout) -> None:
+    """Empty folders and files the node agents created on the host as mount points, deepest first."""
+    created: set[Path] = set()
+    for record in layout.root.glob("nodes/*/created-mount-points"):
+        created.update(Path(line) for line in record.read_text().splitlines() if line)
+        record.unlink()
+    for path in sorted(created, key=lambda p: len(p.parts), reverse=True):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()  # only when empty
+            elif path.is_file() and path.stat().st_size == 0:
+                path.unlink()
+        except OSError:
+            pass
 
 
 def down(layout: Layout | None = None, quiet: bool = False) -> None:
@@ -343,6 +367,7 @@ def down(layout: Layout | None = None, quiet: bool = False) -> None:
     leftovers = daemons.sweep(layout.cluster_id)
     for path in Path("/dev/shm").glob("pagedserve-*"):
         shutil.rmtree(path, ignore_errors=True)
+    remove_created_mount_points(layout)
     if not quiet:
         say(f"stopped: {', '.join(stopped) or 'nothing was running'}"
             + (f"; killed {len(leftovers)} leftover process(es)" if leftovers else ""))  # fmt: skip

@@ -4,6 +4,7 @@ Service ClusterIPs are allocated from a loopback range (127.1.0.0/16), so the pr
 very address the API server gave the Service: `http://<clusterIP>:<port>` works from any local process,
 as it would inside a cluster. Each TCP connection goes to one ready endpoint, round robin, with no retry
 (kube-proxy does not retry either), so rollout tests see what a real cluster's clients would.
+The `kubernetes` Service (127.1.0.1:443) forwards to the API server.
 
 Run: `python -m e2e.cluster.serviceproxy --kubeconfig FILE`.
 """
@@ -18,6 +19,7 @@ import logging
 import signal
 import sys
 import threading
+import urllib.parse
 from typing import Any
 
 from kubernetes import client, config, watch
@@ -31,7 +33,8 @@ CONNECT_TIMEOUT_S = 5.0
 class Store:
     """Services and pods mirrored from the API server by list+watch threads."""
 
-    def __init__(self, on_change) -> None:
+    def __init__(self, on_change, apiserver: tuple[str, int]) -> None:
+        self.apiserver = apiserver
         self.services: dict[str, dict] = {}
         self.pods: dict[str, dict] = {}
         self.lock = threading.Lock()
@@ -70,6 +73,10 @@ class Store:
         for svc in services:
             ip = svc.get("spec", {}).get("clusterIP")
             if not ip or ip == "None" or not ip.startswith("127."):
+                continue
+            if (svc["metadata"]["namespace"], svc["metadata"]["name"]) == ("default", "kubernetes"):
+                # Its endpoints would be the API server's loopback address, which the API refuses.
+                out[(ip, svc["spec"]["ports"][0]["port"])] = [self.apiserver]
                 continue
             for port in svc["spec"].get("ports", []):
                 if port.get("protocol", "TCP") == "TCP":
@@ -141,9 +148,10 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 async def amain(kubeconfig: str) -> None:
     loop = asyncio.get_running_loop()
     proxy = Proxy(loop)
-    store = Store(lambda: loop.call_soon_threadsafe(proxy.dirty.set))
     cfg = client.Configuration()
     config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    server = urllib.parse.urlparse(cfg.host)
+    store = Store(lambda: loop.call_soon_threadsafe(proxy.dirty.set), (server.hostname, server.port or 443))
     core = client.CoreV1Api(client.ApiClient(cfg))
     for kind, func in (("services", core.list_service_for_all_namespaces), ("pods", core.list_pod_for_all_namespaces)):
         threading.Thread(target=store.run_informer, args=(kind, func), name=kind, daemon=True).start()

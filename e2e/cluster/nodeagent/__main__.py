@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kube-version", default="v1.37.2")
     p.add_argument("--backoff-base", type=float, default=2.0)
     p.add_argument("--backoff-cap", type=float, default=60.0)
+    p.add_argument("--tls-cert", type=Path, help="kubelet API serving cert (enables `kubectl logs`)")
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--client-ca", type=Path, help="CA of the API server's kubelet-client certificate")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     first, last = args.pod_ips.split("-")
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             kubeconfig=args.kubeconfig, state_dir=args.state_dir, api_host=host, api_port=int(port),
             path_prefix=args.path_prefix, cluster_id=args.cluster_id, kube_version=args.kube_version,
             backoff_base_s=args.backoff_base, backoff_cap_s=args.backoff_cap,
+            kubelet_tls=(args.tls_cert, args.tls_key, args.client_ca) if args.tls_cert else None,
         )
     )  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())

@@ -21,6 +21,7 @@ from typing import Any
 from kubernetes import watch
 from kubernetes.client.rest import ApiException
 
+from . import kubeletapi
 from .envs import service_env
 from .kube import KubeApi
 from .podworker import PodWorker
@@ -51,6 +52,8 @@ class NodeConfig:
     backoff_base_s: float = 2.0  # the kubelet uses 10s doubling to 300s; shorter keeps tests quick
     backoff_cap_s: float = 60.0
     labels: dict[str, str] = field(default_factory=dict)
+    # Serving cert, key and CA of the kubelet API (`kubectl logs`); None leaves it off.
+    kubelet_tls: tuple[Path, Path, Path] | None = None
 
 
 def ip_range(first: str, last: str) -> list[str]:
@@ -66,6 +69,8 @@ class NodeAgent:
         self.backoff_base_s, self.backoff_cap_s = cfg.backoff_base_s, cfg.backoff_cap_s
         self.pods_dir = cfg.state_dir / "pods"
         self.pids_dir = cfg.state_dir / "pids"
+        # Mount points made on the host for containers; `cluster down` removes those left empty.
+        self.created_paths_log = cfg.state_dir / "created-mount-points"
         self.pods_dir.mkdir(parents=True, exist_ok=True)
         self.pids_dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
@@ -333,6 +338,8 @@ class NodeAgent:
         self.register()
         self.renew_lease()
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        if self.cfg.kubelet_tls:
+            kubeletapi.serve(self, *self.cfg.kubelet_tls)
         log.info("node %s registered (%s, %d GPUs, pod IPs %s..%s)", self.cfg.name, self.host_ip,
                  self.cfg.gpus, self.cfg.pod_ips[0], self.cfg.pod_ips[-1])  # fmt: skip
         watcher = threading.Thread(target=self.watch_pods, name="pod-watch", daemon=True)

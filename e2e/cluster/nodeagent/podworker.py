@@ -209,7 +209,7 @@ class PodWorker(threading.Thread):
         c.starts += 1
         cwd = Path(c.spec["workingDir"]) if c.spec.get("workingDir") else self.dir / "root" / c.name
         log_path = self.dir / "logs" / c.name / f"{c.facts.restart_count}.log"
-        c.proc = ContainerProcess(argv, c.env, cwd, mounts, log_path)
+        c.proc = ContainerProcess(argv, c.env, cwd, mounts, log_path, agent.created_paths_log)
         try:
             c.proc.start()
         except OSError as err:

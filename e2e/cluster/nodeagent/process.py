@@ -63,11 +63,31 @@ class ContainerProcess:
         cwd: Path,
         mounts: Sequence[Mount],
         log_path: Path,
+        created_paths_log: Path | None = None,
     ) -> None:
         self.argv, self.env, self.cwd, self.mounts, self.log_path = list(argv), dict(env), cwd, list(mounts), log_path
+        self.created_paths_log = created_paths_log
         self.popen: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.kill_at: float | None = None
+
+    def _make_mount_points(self) -> None:
+        """Create missing mount points on the host (a mount needs one) and note them for `cluster down`."""
+        created = []
+        for m in self.mounts:
+            target = Path(m.target)
+            missing = [p for p in (target, *target.parents) if not p.exists()]
+            if not missing:
+                continue
+            if m.source.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.touch(exist_ok=True)
+            created += [str(p) for p in missing]
+        if created and self.created_paths_log is not None:
+            with open(self.created_paths_log, "a") as f:
+                f.write("".join(f"{p}\n" for p in created))
 
     def start(self) -> None:
         """Spawns the process; raises FileNotFoundError when the command is not on the pod's PATH."""
@@ -77,6 +97,7 @@ class ContainerProcess:
             raise FileNotFoundError(f'exec: "{exe}": executable file not found in $PATH')
         argv = [resolved, *self.argv[1:]]
         if self.mounts and mount_namespaces_available():
+            self._make_mount_points()
             argv = ["unshare", "--mount", "--propagation", "private", "--",
                     "/bin/sh", "-c", mount_script(self.mounts), "container-entry", *argv]  # fmt: skip
         self.cwd.mkdir(parents=True, exist_ok=True)
