@@ -61,27 +61,76 @@ def run_ours(llm, lens, vocab):
     prompts = prompts_for(lens, vocab)
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in lens]
     torch.cuda.synchronize()
+    llm.record_step_times = True
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     dt = time.perf_counter() - t0
+    llm.record_step_times = False
+    st = llm.step_times
+    buckets = {}
+    for t, n, tokens in st:
+        key = "prefill/mixed" if tokens != n else f"decode batch <={min(256, 1 << max(0, (n - 1).bit_length()))}"
+        buckets.setdefault(key, []).append(t)
+    step_summary = {k: {"steps": len(v), "mean_ms": 1e3 * sum(v) / len(v), "total_s": sum(v)}
+                    for k, v in sorted(buckets.items())}
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     assert n_out == sum(o for _, o in lens)
     return {"elapsed_s": dt, "output_tokens": n_out, "output_tok_per_s": n_out / dt,
-            "total_tok_per_s": (n_out + sum(i for i, _ in lens)) / dt, "steps": llm.last_stats["steps"]}
+            "total_tok_per_s": (n_out + sum(i for i, _ in lens)) / dt, "steps": llm.last_stats["steps"],
+            "step_summary": step_summary}
 
 
-def batch1_latency(llm, vocab, prompt_len=512, out_len=128):
+def batch1_latency(llm, vocab, prompt_len=512, short=16, long=144):
+    """ITL from two runs that differ only in output length (fresh prompts: no prefix-cache hits)."""
     from pagedserve.runtime import SamplingParams
 
-    p = {"prompt_token_ids": prompts_for([(prompt_len, 0)], vocab, seed=5)[0]}
-    llm.generate(p, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm
+    def timed(n, seed):
+        p = {"prompt_token_ids": prompts_for([(prompt_len, 0)], vocab, seed=seed)[0]}
+        t0 = time.perf_counter()
+        llm.generate(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+        return time.perf_counter() - t0
+
+    timed(8, 100)  # warm-up: compiles every kernel shape used below
+    t_short = min(timed(short, 101), timed(short, 102))
+    t_long = min(timed(long, 103), timed(long, 104))
+    itl = (t_long - t_short) / (long - short)
+    return {"itl_ms": itl * 1e3, "ttft_s": t_short - itl * (short - 1), "prompt_len": prompt_len}
+
+
+def profile_steps(llm, vocab, batch: int, ctx: int, steps: int = 5) -> list:
+    """Kernel-level time of a few pure-decode steps at a given batch and context (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pagedserve.runtime import SamplingParams
+
+    eng = llm.engine
+    prompts = prompts_for([(ctx, 0)] * batch, vocab, seed=7)
+    for i, p in enumerate(prompts):
+        eng.add_request(eng.make_request(f"prof{i}", p, SamplingParams(temperature=0.0, max_tokens=64,
+                                                                       ignore_eos=True)))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()):
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
-    llm.generate(p, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-    ttft = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    llm.generate(p, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True))
-    total = time.perf_counter() - t0
-    return {"ttft_s": ttft, "itl_ms": (total - ttft) / (out_len - 1) * 1e3, "prompt_len": prompt_len}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps
+    eng.abort_requests([f"prof{i}" for i in range(batch)])
+    while eng.has_unfinished():
+        eng.step()
+    rows = []
+    for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))[:12]:
+        rows.append({"name": e.key[:60], "device_ms_per_step": getattr(e, "device_time_total", 0) / 1e3 / steps,
+                     "count_per_step": e.count / steps})
+    gpu_ms = sum(r["device_ms_per_step"] for r in rows)
+    print(f"profile batch {batch} ctx {ctx}: wall {wall * 1e3:.2f} ms/step; top kernels:", flush=True)
+    for r in rows[:8]:
+        print(f"   {r['device_ms_per_step']:7.3f} ms  x{r['count_per_step']:.0f}  {r['name']}", flush=True)
+    return {"batch": batch, "ctx": ctx, "wall_ms_per_step": wall * 1e3, "top_kernels": rows, "sum_top_ms": gpu_ms}
 
 
 def hf_baseline(model_dir, lens, vocab, batch_sizes, new_tokens):
@@ -128,6 +177,7 @@ def main():
     ap.add_argument("--hf-batch-sizes", default="1,32,64")
     ap.add_argument("--hf-new-tokens", type=int, default=64)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="torch-profile a few decode steps")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
     args = ap.parse_args()
 
@@ -161,6 +211,8 @@ def main():
     lat["weights_GBps"] = wbytes / (lat["itl_ms"] * 1e-3) / 1e9
     lat["fraction_of_copy_bw"] = lat["weights_GBps"] / ceil["copy_GBps"]
     result["batch1"] = lat
+    if args.profile:
+        result["profile"] = [profile_steps(llm, vocab, b, c) for b, c in ((256, 800), (64, 800))]
     print(f"batch-1: ITL {lat['itl_ms']:.2f} ms = {lat['weights_GBps']:.0f} GB/s of weights "
           f"({lat['fraction_of_copy_bw']:.0%} of copy), TTFT {lat['ttft_s'] * 1e3:.0f} ms", flush=True)
     result["workloads"] = {}
@@ -176,6 +228,8 @@ def main():
         print(f"workload {name}: {len(lens)} reqs, {r['output_tok_per_s']:.0f} out tok/s in {r['elapsed_s']:.1f}s; "
               f"roofline {rl['output_tok_per_s_ceiling']:.0f} ({rl['bound']}-bound) -> "
               f"{r['fraction_of_roofline']:.0%}", flush=True)
+        for k, v in r["step_summary"].items():
+            print(f"   {k:>18}: {v['steps']:5d} steps, {v['mean_ms']:7.2f} ms mean, {v['total_s']:6.2f} s", flush=True)
     del llm
     torch.cuda.empty_cache()
     if args.hf_batch_sizes:

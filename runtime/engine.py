@@ -99,6 +99,7 @@ class EngineCore:
         self.eos_token_ids = self.source.eos_token_ids
         self.vocab_size = cfg.vocab_size
         self.load_time_s = time.monotonic() - t0
+        self.last_step_shape = (0, 0)  # (requests, tokens) of the last step
         capacity = num_blocks * args.block_size
         per_tok = kv_bytes_per_token(cfg, self.dtype, self.runner.tp)
         logger.info(
@@ -160,6 +161,7 @@ class EngineCore:
     # ----------------------------------------------------------------------------- the step
     def step(self) -> list[RequestUpdate]:
         sched_out = self.scheduler.schedule()
+        self.last_step_shape = (len(sched_out.req_ids), sched_out.total_num_scheduled_tokens)
         if sched_out.is_empty:
             if sched_out.finished_req_ids:
                 self.runner.execute(sched_out)  # let the runner drop finished requests' state

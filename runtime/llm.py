@@ -30,6 +30,8 @@ class LLM:
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.last_stats: dict[str, float] = {}
+        self.record_step_times = False
+        self.step_times: list | None = None
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -121,9 +123,13 @@ class LLM:
         t0 = time.perf_counter()
         steps = 0
         num_out = 0
+        step_times = self.step_times = [] if self.record_step_times else None
         while engine.has_unfinished():
+            ts = time.perf_counter()
             updates = engine.step()
             steps += 1
+            if step_times is not None:
+                step_times.append((time.perf_counter() - ts, *engine.last_step_shape))
             outputs, to_stop = processor.process(updates, finished_only=True)
             if to_stop:
                 engine.finish_requests(to_stop)
