@@ -1,0 +1,494 @@
+"""AsyncEngine: the asyncio front of the synchronous ``EngineCore``.
+
+The engine loop runs in one dedicated thread: it takes commands (add, abort) from a thread-safe queue,
+calls ``EngineCore.step()``, turns the updates into per-request deltas with the ``OutputProcessor``, and
+hands them to the event loop with ``call_soon_threadsafe``. The event loop never runs model code, and the
+engine objects (scheduler, KV manager, output processor) are only ever touched by the engine thread.
+
+Every request gets a ``RequestStream``: an async iterator of ``RequestChunk`` (new text, token ids and
+logprobs per choice since the last chunk). Closing a stream before it finished aborts the request, which
+frees its KV blocks at once. If the engine loop dies, every open stream raises ``EngineDeadError`` and
+``liveness()`` turns false; if it stops making progress, ``liveness()`` turns false too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pagedserve.runtime.engine import EngineCore
+from pagedserve.runtime.llm import LLM
+from pagedserve.runtime.output_processor import OutputProcessor, child_request_id
+from pagedserve.runtime.outputs import Logprob
+from pagedserve.runtime.request import Request
+from pagedserve.runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedserve.async_engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has died (or was shut down); nothing more will be served."""
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at ``max_waiting_requests``; the client should retry later."""
+
+
+class DrainingError(RuntimeError):
+    """The server is shutting down and accepts no new requests."""
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice (one of ``n``) produced since its previous delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]] | None = None  # one dict per token in ``token_ids``
+    finish_reason: str | None = None  # set on the choice's last delta
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestChunk:
+    request_id: str
+    choices: list[ChoiceDelta]
+    finished: bool
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """A consistent snapshot published by the engine thread after every loop iteration."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_requests: int = 0  # requests (parents) the engine thread is tracking
+    num_steps: int = 0
+
+
+class EngineListener(Protocol):
+    """Receives per-request events from the engine thread (``metrics.ServerMetrics`` implements it)."""
+
+    def on_step(self, duration_s: float) -> None: ...
+
+    def on_first_token(self, ttft_s: float, queue_time_s: float | None, num_prompt_tokens: int) -> None: ...
+
+    def on_tokens(self, num_tokens: int, inter_token_s: float | None) -> None: ...
+
+    def on_finish(
+        self, finish_reasons: list[str], e2e_s: float | None, num_prompt_tokens: int, num_generation_tokens: int
+    ) -> None: ...
+
+
+class _NullListener:
+    def on_step(self, duration_s): pass
+    def on_first_token(self, ttft_s, queue_time_s, num_prompt_tokens): pass
+    def on_tokens(self, num_tokens, inter_token_s): pass
+    def on_finish(self, finish_reasons, e2e_s, num_prompt_tokens, num_generation_tokens): pass
+
+
+@dataclass
+class _Track:
+    """Engine-thread bookkeeping of one request (a parent of ``n`` engine requests)."""
+
+    stream: RequestStream
+    reqs: list[Request]
+    arrival: float
+    parent: Any = None  # the OutputProcessor's parent record (holds each child's detokenizer)
+    num_emitted: list[int] = field(default_factory=list)  # tokens already delivered, per choice
+    done: list[bool] = field(default_factory=list)
+    last_token_time: list[float | None] = field(default_factory=list)
+    first_token_time: float | None = None
+
+
+class RequestStream:
+    """Async iterator over one request's chunks. ``close()`` aborts the request if it is unfinished."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, num_prompt_tokens: int) -> None:
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.finished = False
+        self._engine = engine
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestChunk:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            self._engine._forget(self)
+            raise item
+        if item.finished:
+            self.finished = True
+            self._engine._forget(self)
+        return item
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+        self._engine._forget(self)
+
+
+class AsyncEngine:
+    """Serve ``EngineCore`` to asyncio code. Call ``start()`` from inside the running event loop."""
+
+    def __init__(
+        self,
+        core: EngineCore,
+        *,
+        max_waiting_requests: int = 0,
+        listener: EngineListener | None = None,
+        idle_heartbeat_s: float = 0.5,
+        hang_timeout_s: float = 60.0,
+        step_delay_s: float = 0.0,
+    ) -> None:
+        self.core = core
+        self.tokenizer = core.source.tokenizer
+        self.max_model_len = core.max_model_len
+        self.block_size = core.kv.block_size
+        self.num_blocks = core.kv.num_blocks
+        self.max_waiting_requests = max_waiting_requests
+        self.listener: EngineListener = listener or _NullListener()
+        self.idle_heartbeat_s = idle_heartbeat_s
+        self.hang_timeout_s = hang_timeout_s
+        # Test hook: sleep after each step so tests can observe a busy engine on a fast machine.
+        self.step_delay_s = step_delay_s
+        self._processor = OutputProcessor(self.tokenizer)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._submit_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._tracks: dict[str, _Track] = {}
+        self._streams: dict[str, RequestStream] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._heartbeat = time.monotonic()
+        self._in_step_since: float | None = None
+        self.dead_error: BaseException | None = None
+        self.draining = False
+        self.stats = self._snapshot(0)
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._heartbeat = time.monotonic()
+        self._thread = threading.Thread(target=self._run_loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the engine thread; open streams raise ``EngineDeadError``."""
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def start_drain(self) -> None:
+        """Refuse new requests from now on (``DrainingError``); running ones continue."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no request is in flight; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def liveness(self) -> tuple[bool, str]:
+        """(alive, reason): the engine thread exists, has not died, and keeps making progress."""
+        if self.dead_error is not None:
+            return False, f"engine loop died: {self.dead_error!r}"
+        if self._thread is None or not self._thread.is_alive():
+            return False, "engine loop is not running"
+        age = time.monotonic() - self._heartbeat
+        if age > self.hang_timeout_s:
+            return False, f"engine loop has made no progress for {age:.1f}s (limit {self.hang_timeout_s:g}s)"
+        return True, "ok"
+
+    def heartbeat_age(self) -> float:
+        return time.monotonic() - self._heartbeat
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    @property
+    def max_request_tokens(self) -> int:
+        """Longest prompt + output one request may have: the context length, or the KV pool if smaller."""
+        return min(self.max_model_len, self.num_blocks * self.block_size)
+
+    # ----------------------------------------------------------------------------- front (event loop)
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Validate and enqueue one request; raises ValueError (bad request), QueueFullError,
+        DrainingError or EngineDeadError. Returns its stream once the engine thread has admitted it."""
+        if self.draining:
+            raise DrainingError("the server is shutting down and accepts no new requests")
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine loop has died: {self.dead_error!r}")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        reqs = [
+            self.core.make_request(
+                child_request_id(request_id, i, params.n), prompt_token_ids, LLM._child_params(params, i),
+                priority, arrival,
+            )
+            for i in range(params.n)
+        ]
+        need = len(prompt_token_ids) + reqs[0].max_tokens
+        if need > self.num_blocks * self.block_size:
+            raise ValueError(
+                f"max_tokens: the request needs up to {need} tokens of KV cache ({len(prompt_token_ids)} prompt + "
+                f"{reqs[0].max_tokens} output) but the whole cache holds {self.num_blocks * self.block_size}"
+            )
+        stream = RequestStream(self, request_id, len(prompt_token_ids))
+        track = _Track(stream, reqs, arrival, num_emitted=[0] * params.n, done=[False] * params.n,
+                       last_token_time=[None] * params.n)
+        admitted: asyncio.Future = self._loop.create_future()
+        self._streams[request_id] = stream
+        self._idle.clear()
+        try:
+            self._submit(("add", request_id, prompt, list(prompt_token_ids), params, track, admitted))
+            await admitted
+        except BaseException:
+            stream.finished = True
+            self._forget(stream)
+            if not admitted.done() or admitted.cancelled():
+                self._submit(("abort", request_id), quiet=True)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._submit(("abort", request_id), quiet=True)
+
+    def abort_all(self) -> None:
+        """Finish every in-flight request now with finish_reason ``abort`` (end of a drain timeout)."""
+        self._submit(("abort_all",), quiet=True)
+
+    def _submit(self, cmd: tuple, quiet: bool = False) -> None:
+        with self._submit_lock:
+            if self.dead_error is not None or self._stop:
+                if quiet:
+                    return
+                raise EngineDeadError(f"the engine loop is not running: {self.dead_error!r}")
+            self._commands.put(cmd)
+        self._wake.set()
+
+    def _forget(self, stream: RequestStream) -> None:
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+        if not self._streams:
+            self._idle.set()
+
+    def _deliver(self, batch: list[tuple[RequestStream, Any]]) -> None:
+        for stream, item in batch:
+            stream._queue.put_nowait(item)
+
+    def _resolve(self, fut: asyncio.Future, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+    def _post(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    # ----------------------------------------------------------------------------- engine thread
+    def _run_loop(self) -> None:
+        try:
+            while not self._stop:
+                self._heartbeat = time.monotonic()
+                self._wake.clear()
+                self._run_commands()
+                if self.core.has_unfinished():
+                    self._run_step()
+                    if not self.core.has_unfinished():
+                        self.core.step()  # let the runner drop the state of the requests that just ended
+                else:
+                    self.stats = self._snapshot(self.stats.num_steps)
+                    self._wake.wait(self.idle_heartbeat_s)
+            err = EngineDeadError("the engine was shut down")
+        except BaseException as e:  # noqa: BLE001 - any failure kills the loop; requests must hear of it
+            logger.exception("engine loop died")
+            err = EngineDeadError(f"the engine loop has died: {e!r}")
+            err.__cause__ = e
+            self.dead_error = e
+        self._fail_everything(err)
+
+    def _fail_everything(self, err: EngineDeadError) -> None:
+        with self._submit_lock:
+            self._stop = True
+            pending = []
+            while True:
+                try:
+                    pending.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+        batch = [(t.stream, err) for t in self._tracks.values()]
+        self._tracks.clear()
+        for cmd in pending:
+            if cmd[0] == "add":
+                self._post(self._resolve, cmd[-1], err)
+        if batch:
+            self._post(self._deliver, batch)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                self._admit(*cmd[1:])
+            elif cmd[0] == "abort":
+                self._abort(cmd[1])
+            elif cmd[0] == "abort_all":
+                for rid in list(self._tracks):
+                    self._abort(rid, notify=True)
+
+    def _admit(self, request_id, prompt, prompt_ids, params, track: _Track, admitted) -> None:
+        sched = self.core.scheduler
+        limit = self.max_waiting_requests
+        if limit and sched.num_waiting > 0 and sched.num_waiting + len(track.reqs) > limit:
+            self._post(self._resolve, admitted, QueueFullError(
+                f"the waiting queue is full ({sched.num_waiting} waiting, limit {limit}); retry later"
+            ))
+            return
+        try:
+            self._processor.add_request(request_id, prompt, prompt_ids, params)
+            track.parent = self._processor.parents[request_id]
+            for req in track.reqs:
+                self.core.add_request(req)
+        except ValueError as e:
+            self._abort(request_id)
+            self._post(self._resolve, admitted, e)
+            return
+        self._tracks[request_id] = track
+        self._post(self._resolve, admitted, None)
+
+    def _abort(self, request_id: str, notify: bool = False) -> None:
+        child_ids = self._processor.abort(request_id)
+        if child_ids:
+            self.core.abort_requests(child_ids)
+        track = self._tracks.pop(request_id, None)
+        if track is None:
+            return
+        unfinished = [i for i, d in enumerate(track.done) if not d]
+        gen_tokens = sum(track.num_emitted)
+        reasons = [c.finish_reason if track.done[c.index] else "abort" for c in track.parent.children.values()]
+        self.listener.on_finish(reasons, None, len(track.reqs[0].prompt_token_ids), gen_tokens)
+        if notify:
+            choices = [ChoiceDelta(i, "", [], [] if track.parent.params.logprobs is not None else None, "abort")
+                       for i in unfinished]
+            chunk = RequestChunk(request_id, choices, True, len(track.reqs[0].prompt_token_ids))
+            self._post(self._deliver, [(track.stream, chunk)])
+        logger.info("request aborted after %d generated tokens", gen_tokens, extra={"request_id": request_id})
+
+    def _run_step(self) -> None:
+        t0 = time.monotonic()
+        updates = self.core.step()
+        outputs, to_stop = self._processor.process(updates)
+        if to_stop:
+            self.core.finish_requests(to_stop)
+        now = time.monotonic()
+        batch = []
+        for out in outputs:
+            track = self._tracks.get(out.request_id)
+            if track is None:
+                continue
+            chunk = self._make_chunk(track, out, now)
+            if chunk is not None:
+                batch.append((track.stream, chunk))
+            if out.finished:
+                del self._tracks[out.request_id]
+        self.listener.on_step(now - t0)
+        self.stats = self._snapshot(self.stats.num_steps + 1)
+        if batch:
+            self._post(self._deliver, batch)
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+
+    def _make_chunk(self, track: _Track, out, now: float) -> RequestChunk | None:
+        choices = []
+        listener = self.listener
+        for child in track.parent.children.values():
+            i = child.index
+            if track.done[i]:
+                continue
+            new_ids = child.token_ids[track.num_emitted[i]:]
+            finished = child.finish_reason is not None
+            if not new_ids and not finished:
+                continue
+            if new_ids:
+                if track.first_token_time is None:
+                    track.first_token_time = now
+                    first_sched = track.reqs[0].first_scheduled_time
+                    listener.on_first_token(
+                        now - track.arrival, None if first_sched is None else first_sched - track.arrival,
+                        len(track.reqs[0].prompt_token_ids),
+                    )
+                last = track.last_token_time[i]
+                listener.on_tokens(len(new_ids), None if last is None else (now - last) / len(new_ids))
+                track.last_token_time[i] = now
+            lps = None if child.logprobs is None else child.logprobs[track.num_emitted[i]:]
+            choices.append(ChoiceDelta(
+                i, child.detok.delta(finished), new_ids, lps,
+                child.finish_reason if finished else None, child.stop_reason if finished else None,
+            ))
+            track.num_emitted[i] = len(child.token_ids)
+            track.done[i] = finished
+        if out.finished:
+            reasons = [c.finish_reason for c in out.outputs]
+            listener.on_finish(reasons, now - track.arrival, len(out.prompt_token_ids), sum(track.num_emitted))
+        if not choices and not out.finished:
+            return None
+        return RequestChunk(out.request_id, choices, out.finished, len(out.prompt_token_ids), out.num_cached_tokens)
+
+    def _snapshot(self, num_steps: int) -> EngineStats:
+        sched, kv = self.core.scheduler, self.core.kv
+        return EngineStats(
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            num_blocks=kv.num_blocks,
+            num_free_blocks=kv.num_free_blocks,
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=sched.num_preemptions,
+            num_requests=len(self._tracks),
+            num_steps=num_steps,
+        )
