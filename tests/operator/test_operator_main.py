@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 from operator_harness import DEPLOYMENTS, eventually, load_yaml
+from prometheus_client import generate_latest
 
 from pagedserve.operator import main, metrics
 
@@ -26,6 +27,8 @@ def test_cli_defaults_and_namespaces_from_env(monkeypatch) -> None:
 async def test_metrics_endpoint_counts_reconciles(cluster, operator) -> None:
     cluster.llmd(load_yaml("examples/smollm2.yaml"))
     await eventually(lambda: cluster.get(DEPLOYMENTS, "smollm2-tp1"))
+    # The pass is counted when it ends, just after its last write.
+    await eventually(lambda: b'pagedserve_operator_reconcile_total{result="ok"}' in generate_latest(metrics.REGISTRY))
     runner = await metrics.start_server("127.0.0.1", 0)
     try:
         port = runner.addresses[0][1]
