@@ -154,7 +154,8 @@ class NodeAgent:
         if "sleep" in hook:
             self.stopping.wait(min(float(hook["sleep"]["seconds"]), timeout))
         elif "exec" in hook:
-            subprocess.run(hook["exec"]["command"], env=container.env, timeout=timeout, capture_output=True)
+            prefix = container.proc.exec_prefix() if container.proc is not None else []
+            subprocess.run([*prefix, *hook["exec"]["command"]], env=container.env, timeout=timeout, capture_output=True)
         elif "httpGet" in hook:
             run_check({"httpGet": hook["httpGet"], "timeoutSeconds": max(timeout, 1)}, pod_ip, container.ports, container.env)
 

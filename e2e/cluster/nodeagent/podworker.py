@@ -258,7 +258,7 @@ class PodWorker(threading.Thread):
         assert c.proc is not None
         if c.startup is not None and not c.facts.started:
             if c.startup.due(now):
-                result = run_check(c.startup.probe, self.pod_ip, c.ports, c.env)
+                result = run_check(c.startup.probe, self.pod_ip, c.ports, c.env, c.proc.exec_prefix())
                 c.startup.record(result, now)
                 if result.ok:
                     c.facts.started = True
@@ -270,12 +270,12 @@ class PodWorker(threading.Thread):
                     self._kill_for_probe(pod, c, "Startup", result.message, c.startup.probe)
             return
         if c.liveness is not None and c.liveness.due(now):
-            result = run_check(c.liveness.probe, self.pod_ip, c.ports, c.env)
+            result = run_check(c.liveness.probe, self.pod_ip, c.ports, c.env, c.proc.exec_prefix())
             c.liveness.record(result, now)
             if not c.liveness.healthy:
                 return self._kill_for_probe(pod, c, "Liveness", result.message, c.liveness.probe)
         if c.readiness is not None and c.readiness.due(now):
-            result = run_check(c.readiness.probe, self.pod_ip, c.ports, c.env)
+            result = run_check(c.readiness.probe, self.pod_ip, c.ports, c.env, c.proc.exec_prefix())
             if c.readiness.record(result, now) and not c.readiness.healthy:
                 self.agent.event(pod, "Warning", "Unhealthy", f"Readiness probe failed: {result.message}")
             c.facts.ready = c.readiness.healthy

@@ -11,7 +11,7 @@ import http.client
 import socket
 import ssl
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +32,11 @@ def _port(value: int | str, ports: Mapping[str, int]) -> int:
     return ports[value]
 
 
-def run_check(probe: Probe, pod_ip: str, ports: Mapping[str, int], env: Mapping[str, str]) -> ProbeResult:
-    """Run one probe attempt: httpGet (2xx/3xx), tcpSocket (connects), exec (exit 0), grpc (as tcpSocket)."""
+def run_check(
+    probe: Probe, pod_ip: str, ports: Mapping[str, int], env: Mapping[str, str], exec_prefix: Sequence[str] = ()
+) -> ProbeResult:
+    """Run one probe attempt: httpGet (2xx/3xx), tcpSocket (connects), exec (exit 0), grpc (as tcpSocket).
+    `exec_prefix` enters the container's mount namespace for exec probes (see process.exec_prefix)."""
     timeout = float(probe.get("timeoutSeconds", 1))
     try:
         if "httpGet" in probe:
@@ -60,7 +63,7 @@ def run_check(probe: Probe, pod_ip: str, ports: Mapping[str, int], env: Mapping[
                 return ProbeResult(True)
         if "exec" in probe:
             done = subprocess.run(
-                probe["exec"]["command"], env=dict(env), capture_output=True, timeout=timeout, text=True
+                [*exec_prefix, *probe["exec"]["command"]], env=dict(env), capture_output=True, timeout=timeout, text=True
             )
             return ProbeResult(done.returncode == 0, (done.stdout + done.stderr)[-500:])
     except (OSError, subprocess.TimeoutExpired, ValueError, http.client.HTTPException) as err:

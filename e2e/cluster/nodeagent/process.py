@@ -139,6 +139,12 @@ class ContainerProcess:
         deadline = time.monotonic() + max(grace_s, 0.0)
         self.kill_at = deadline if self.kill_at is None else min(self.kill_at, deadline)
 
+    def exec_prefix(self) -> list[str]:
+        """argv prefix that runs a command where this container's volumes are (exec probes and hooks)."""
+        if self.popen is None or self.popen.poll() is not None or not (self.mounts and mount_namespaces_available()):
+            return []
+        return ["nsenter", "-t", str(self.popen.pid), "-m", "--"]
+
     def kill_now(self) -> None:
         self._signal_group(signal.SIGKILL)
         if self.popen is not None:
