@@ -227,22 +227,21 @@ def prefill_case(batch: int, seq_len: int, q_len: int, l2: int, configs: dict[st
 
 # ------------------------------------------------------------------------------------------ driver
 DECODE_SWEEP = {
-    "seq_major": dict(dec_head_major=False),
     "per_sm1": dict(dec_programs_per_sm=1),
     "per_sm3": dict(dec_programs_per_sm=3),
-    "per_sm4": dict(dec_programs_per_sm=4),
-    "minpart512": dict(dec_min_partition=512),
-    "bn128_w4": dict(dec_block_n=128),
-    "bn64_w8": dict(dec_warps=8),
-    "bn128_w8": dict(dec_block_n=128, dec_warps=8),
+    "w2": dict(dec_warps=2),
+    "w2_per_sm4": dict(dec_warps=2, dec_programs_per_sm=4),
+    "w2_bn32_per_sm4": dict(dec_warps=2, dec_block_n=32, dec_programs_per_sm=4),
+    "w2_bn128": dict(dec_warps=2, dec_block_n=128),
+    "s1": dict(dec_stages=1),
+    "s4_per_sm1": dict(dec_stages=4, dec_programs_per_sm=1),
 }
 PREFILL_SWEEP = {
-    "m128_n64_w8_s3": dict(pf_block_m=128, pf_block_n=64, pf_warps=8, pf_stages=3),
-    "m128_n128_w8_s2": dict(pf_block_m=128, pf_block_n=128, pf_warps=8, pf_stages=2),
-    "m128_n128_w8_s4": dict(pf_block_m=128, pf_block_n=128, pf_warps=8, pf_stages=4),
+    "m128_n128_w8_s3": dict(pf_block_m=128, pf_block_n=128, pf_warps=8, pf_stages=3),
     "m64_n64_w4_s3": dict(pf_block_m=64, pf_block_n=64, pf_warps=4, pf_stages=3),
-    "m64_n128_w4_s3": dict(pf_block_m=64, pf_block_n=128, pf_warps=4, pf_stages=3),
-    "m128_n32_w4_s3": dict(pf_block_m=128, pf_block_n=32, pf_warps=4, pf_stages=3),
+    "m64_n64_w4_s4": dict(pf_block_m=64, pf_block_n=64, pf_warps=4, pf_stages=4),
+    "m64_n32_w4_s3": dict(pf_block_m=64, pf_block_n=32, pf_warps=4, pf_stages=3),
+    "m128_n64_w4_s3": dict(pf_block_m=128, pf_block_n=64, pf_warps=4, pf_stages=3),
 }
 
 

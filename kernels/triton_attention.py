@@ -53,18 +53,13 @@ def _decode_kernel(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_ps, stride_ph,
     HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr, HEAD_MAJOR: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    if HEAD_MAJOR:
-        # The KV heads of one (sequence, split) run side by side: they read neighbouring 256-byte rows of
-        # the same cache blocks at about the same time.
-        kv_head = tl.program_id(0)
-        split = tl.program_id(1)
-        seq = tl.program_id(2)
-    else:
-        seq = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        split = tl.program_id(2)
+    # KV heads fastest: the heads of one (sequence, split) read neighbouring rows of the same cache blocks
+    # side by side (measured no faster than sequence-fastest on an H100, run 2, but no slower either).
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if q_len != 1:
@@ -284,13 +279,18 @@ def _config(head_dim: int, interpreted: bool, max_query_len: int):
     if interpreted:
         # Small tiles so that small test shapes still cross many tile and page boundaries.
         return dict(dec_block_n=16, dec_warps=4, dec_stages=1, dec_min_partition=32, dec_programs_per_sm=4,
-                    dec_head_major=True, pf_block_m=16, pf_block_n=16, pf_warps=4, pf_stages=1)
-    pf_block_m = 128 if max_query_len > 64 else (64 if max_query_len > 16 else 16)
+                    pf_block_m=16, pf_block_n=16, pf_warps=4, pf_stages=1)
+    # Prefill tiles from the run-2 sweep on an H100 (bench/NOTES_kernels.md): 64x64 with 4 warps is best up
+    # to a few thousand queries; 128x128 with 8 warps wins on very long prompts.
+    if max_query_len <= 16:
+        pf_block_m, pf_block_n, pf_warps = 16, 64, 4
+    elif max_query_len <= 4096 or head_dim < 128:
+        pf_block_m, pf_block_n, pf_warps = 64, 64, 4
+    else:
+        pf_block_m, pf_block_n, pf_warps = 128, 128, 8
     return dict(
         dec_block_n=64, dec_warps=4, dec_stages=3, dec_min_partition=256, dec_programs_per_sm=2,
-        dec_head_major=True,
-        pf_block_m=pf_block_m, pf_block_n=128 if head_dim >= 128 and pf_block_m == 128 else 64,
-        pf_warps=8 if head_dim >= 128 and pf_block_m == 128 else 4, pf_stages=3,
+        pf_block_m=pf_block_m, pf_block_n=pf_block_n, pf_warps=pf_warps, pf_stages=3,
     )
 
 
@@ -349,15 +349,14 @@ def paged_attention_launch(
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
-    grid = (num_kv_heads, num_splits, num_seqs) if cfg["dec_head_major"] else (num_seqs, num_kv_heads, num_splits)
-    _decode_kernel[grid](
+    _decode_kernel[(num_kv_heads, num_splits, num_seqs)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse,
         qk_scale, decode_partition, group,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *common_strides, block_tables.stride(0),
         num_heads * num_splits * head_dim, num_splits * head_dim,
         HEAD_DIM=head_dim, GROUP_PAD=max(16, triton.next_power_of_2(group)), PAGE_SIZE=block_size,
-        BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, UPCAST_DOT=interpreted, HEAD_MAJOR=cfg["dec_head_major"],
+        BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, UPCAST_DOT=interpreted,
         num_warps=cfg["dec_warps"], num_stages=cfg["dec_stages"],
     )
     if num_splits > 1:

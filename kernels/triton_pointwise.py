@@ -3,6 +3,8 @@
 Each reads its inputs once and writes its outputs once: K and V of a token go to the cache in one program,
 q and k of a token are rotated in one program, and the gate/up halves are combined in one pass. Rotary and
 SiLU round intermediate results to the activation dtype where the reference (HF) does, so outputs match it.
+They launch with ``enable_fp_fusion=False``: otherwise the compiler folds ``a * b`` rounded to bf16 plus
+``c * d`` into one bf16 FMA (seen in the PTX of triton 3.6/3.9), dropping a rounding the reference makes.
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def rotary_embedding(
         positions, q, k, cos_sin_cache, q_out, k_out,
         num_q_heads, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(num_q_heads),
-        KH_PAD=triton.next_power_of_2(k.shape[1]), num_warps=4,
+        KH_PAD=triton.next_power_of_2(k.shape[1]), num_warps=4, enable_fp_fusion=False,
     )
     return q_out, k_out
 
@@ -181,7 +183,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(d))
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
-        rows, out, d, rows.stride(0), BLOCK=block, num_warps=4,
+        rows, out, d, rows.stride(0), BLOCK=block, num_warps=4, enable_fp_fusion=False,
     )
     return out
 
