@@ -12,11 +12,12 @@ import asyncio
 import json
 import math
 import platform
+import shlex
 import socket
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -187,7 +188,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
         duration = time.perf_counter() - t_start
     summary = summarize(list(results), duration)
     return {"summary": summary, "model": model, "base_url": base, "config": {
-        k: v for k, v in vars(args).items() if k not in ("func", "api_key")}}
+        k: v for k, v in vars(args).items() if k not in ("func", "api_key", "argv")}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -210,18 +211,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-file", default=None, help="write the results as JSON here")
 
 
+def _command_line(argv: list[str]) -> str:
+    """The command that made the result, with the API key blanked out."""
+    shown = list(argv)
+    for i, a in enumerate(shown[:-1]):
+        if a == "--api-key":
+            shown[i + 1] = "***"
+    return shlex.join(["pagedserve", *shown])
+
+
+def _json_safe(obj):
+    """Strict JSON: infinities and NaN become strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def run(args: argparse.Namespace) -> int:
     if args.dataset == "file" and not args.dataset_path:
         print("--dataset file needs --dataset-path", file=sys.stderr)
         return 2
     result = asyncio.run(benchmark(args))
-    result["command"] = " ".join(["pagedserve", *sys.argv[1:]])
+    result["command"] = _command_line(getattr(args, "argv", None) or sys.argv[1:])
     result["machine"] = {"hostname": socket.gethostname(), "platform": platform.platform(),
                          "python": platform.python_version()}
     result["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(format_table(result["summary"]))
     if args.result_file:
         with open(args.result_file, "w") as f:
-            json.dump(result, f, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+            json.dump(_json_safe(result), f, indent=2)
         print(f"results written to {args.result_file}")
     return 0 if result["summary"]["failed"] == 0 else 1

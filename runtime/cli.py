@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return operator_main(argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

@@ -80,6 +80,11 @@ class ServerMetrics:
             "prompt": self.prompt_tokens.labels(model_name),
             "generation": self.generation_tokens.labels(model_name),
         }
+        # Zero-valued series from the start, so rate() and dashboards work before the first event.
+        for reason in ("stop", "length", "abort"):
+            self.request_success.labels(model_name, reason)
+        for reason in ("invalid", "unauthorized", "not_found", "too_large", "queue_full", "unavailable"):
+            self.rejected.labels(model_name, reason)
         self._collector = _StateCollector(model_name)
         r.register(self._collector)
 

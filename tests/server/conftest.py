@@ -24,7 +24,7 @@ def tiny(tiny_model_factory):
 
 @pytest.fixture(scope="session")
 def api_server(tiny, one_thread):
-    """The shared server: API key required, 4096-token KV cache, max_model_len 256."""
-    server = InProcessServer(tiny[0]).start()
+    """The shared server: API key required, 4096-token KV cache, max_model_len 256, 1 MiB body limit."""
+    server = InProcessServer(tiny[0], max_request_body_bytes=1 << 20).start()
     yield server
     server.stop()

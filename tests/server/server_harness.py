@@ -108,11 +108,13 @@ def make_core(model_path: str, **engine_kwargs) -> EngineCore:
 class InProcessServer(_Client):
     """``run_server`` on an event loop in a background thread, with a prebuilt engine."""
 
-    def __init__(self, model_path: str, core: EngineCore | None = None, **config) -> None:
+    def __init__(self, model_path: str, core: EngineCore | None = None, *, load_in_server: bool = False,
+                 **config) -> None:
         config.setdefault("served_model_names", ["tiny"])
         config.setdefault("api_key", API_KEY)
+        config.setdefault("engine_kwargs", {"device": "cpu"})
         self.config = ServerConfig(model=model_path, host="127.0.0.1", port=0, **config)
-        self.core = core or make_core(model_path)
+        self.core = None if load_in_server else (core or make_core(model_path))
         self.server = None
         self.exit_code = None
         self._started = threading.Event()
@@ -127,11 +129,19 @@ class InProcessServer(_Client):
         self.server = server
         self._started.set()
 
-    def start(self) -> InProcessServer:
+    def launch(self) -> InProcessServer:
+        """Start serving HTTP; returns at once, or when the run ended (a failed load)."""
         self._thread.start()
-        if not self._started.wait(60) or self.server is None:
+        if not self._started.wait(60):
             raise RuntimeError("the test server did not start")
-        self.base_url = f"http://127.0.0.1:{self.server.port}"
+        if self.server is not None:
+            self.base_url = f"http://127.0.0.1:{self.server.port}"
+        return self
+
+    def start(self) -> InProcessServer:
+        self.launch()
+        if self.server is None:
+            raise RuntimeError(f"the test server exited with {self.exit_code}")
         self.wait_until(lambda: self.get("/ready")[0] == 200, 60, "/ready")
         return self
 
