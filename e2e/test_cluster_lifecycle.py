@@ -131,3 +131,73 @@ def test_helm_chart_controller_runs_on_its_service_account(cluster: Cluster, nam
     cluster.helm("uninstall", "mini", "-n", namespace, "--wait", "--timeout", "60s")
     wait_for(lambda: not cluster.pods(namespace, "app=mini"), 30, "the controller pod to go")
     assert not alive(pid)
+
+
+ROLLING = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: roll}
+spec:
+  replicas: 2
+  strategy: {rollingUpdate: {maxUnavailable: 0, maxSurge: 1}}
+  selector: {matchLabels: {app: roll}}
+  template:
+    metadata: {labels: {app: roll}}
+    spec:
+      terminationGracePeriodSeconds: 10
+      containers:
+      - name: web
+        image: ignored
+        command: [python, -m, http.server, --bind, $(POD_IP), "8080", --directory, /tmp]
+        env:
+        - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
+        - {name: VERSION, value: "%s"}
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 1}
+        lifecycle: {preStop: {sleep: {seconds: 2}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: roll}
+spec:
+  selector: {app: roll}
+  ports: [{port: 80, targetPort: http}]
+"""
+
+
+def test_rolling_update_through_the_service_drops_no_request(cluster: Cluster, namespace: str) -> None:
+    """Ready-gated endpoints plus a preStop pause: clients of the Service see no failure in a rollout."""
+    import threading
+    import urllib.request
+
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=ROLLING % "1")
+    old = {p["metadata"]["name"] for p in cluster.wait_ready(namespace, "app=roll", count=2)}
+    url = cluster.service_url(namespace, "roll")
+    wait_for(lambda: urllib.request.urlopen(url, timeout=2).status == 200, 20, "the Service")
+    results: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        deadline = time.monotonic() + 90  # bounded, whatever happens to the test
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    results.append("ok" if resp.status == 200 else f"status {resp.status}")
+            except Exception as err:
+                results.append(f"error {err}")
+            time.sleep(0.02)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        time.sleep(1)
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=ROLLING % "2")
+        cluster.kubectl("rollout", "status", "deployment/roll", "-n", namespace, "--timeout=60s")
+        wait_for(lambda: not ({p["metadata"]["name"] for p in cluster.pods(namespace, "app=roll")} & old), 30,
+                 "the old pods to be gone")  # fmt: skip
+        time.sleep(1)
+    finally:
+        stop.set()
+        worker.join()
+    failures = [r for r in results if r != "ok"]
+    assert len(results) > 50 and not failures, f"{len(failures)} of {len(results)} failed: {failures[:3]}"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .envs import EnvError, container_argv, container_env
 from .probes import ProbeTracker, run_check
-from .process import ContainerProcess
+from .process import ContainerProcess, mount_namespaces_available
 from .status import ContainerFacts, Terminated, pod_conditions, pod_phase, rfc3339
 from .volumes import PodVolumes, VolumeError
 
@@ -221,6 +221,9 @@ class PodWorker(threading.Thread):
                 self._schedule_restart(c, ran_s=0.0)
             agent.event(pod, "Warning", "Failed", f"Error: failed to start container {c.name!r}: {err}")
             return
+        if mounts and not mount_namespaces_available():
+            agent.event(pod, "Warning", "VolumesNotMounted",
+                        f"container {c.name}: no mount namespaces here (needs root and `unshare`), volumes are not mounted")  # fmt: skip
         c.facts.running_since, c.facts.waiting_reason, c.facts.waiting_message = c.proc.started_at, None, ""
         c.facts.container_id = f"pagedserve://{self.uid[:8]}-{c.name}-{c.facts.restart_count}-{c.proc.pid}"
         agent.record_pid(self.uid, c.name, c.proc.pid)
