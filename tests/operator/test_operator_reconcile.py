@@ -204,7 +204,7 @@ async def test_blue_green_deadline_keeps_old_generation_serving(cluster: Cluster
 
 
 async def test_operator_restart_mid_rollout_finishes_it(cluster: Cluster) -> None:
-    from conftest import OperatorThread
+    from operator_thread import OperatorThread
 
     first = OperatorThread(str(cluster.server.url))
     await first.start()
