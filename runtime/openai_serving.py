@@ -178,20 +178,21 @@ class OpenAIServing:
                       priority: int) -> tuple[str, list[RequestStream]]:
         rid = request[ENGINE_REQUEST_ID]
         arrival = time.monotonic()
-        streams: list[RequestStream] = []
-        try:
-            for i, (text, ids, params) in enumerate(prepared):
-                sub_id = rid if len(prepared) == 1 else f"{rid}-{i}"
-                streams.append(await self.engine.add_request(sub_id, text, ids, params, priority, arrival))
-        except ValueError as e:
-            for s in streams:
-                s.close()
-            raise invalid(str(e), _param_of(str(e))) from None
-        except BaseException:
-            for s in streams:
-                s.close()
-            raise
-        return rid, streams
+        # All prompts are admitted together (one engine-loop round trip, not one per prompt); if any is
+        # refused, the others are aborted and the whole request fails.
+        results = await asyncio.gather(*(
+            self.engine.add_request(rid if len(prepared) == 1 else f"{rid}-{i}", text, ids, params, priority, arrival)
+            for i, (text, ids, params) in enumerate(prepared)
+        ), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for r in results:
+                if isinstance(r, RequestStream):
+                    r.close()
+            if isinstance(errors[0], ValueError):
+                raise invalid(str(errors[0]), _param_of(str(errors[0]))) from None
+            raise errors[0]
+        return rid, list(results)
 
     # ----------------------------------------------------------------------------- completions
     async def completions(self, request: web.Request) -> web.StreamResponse:

@@ -111,11 +111,23 @@ def test_health_fails_when_the_engine_loop_dies_and_requests_get_errors(tiny, on
     server = InProcessServer(tiny[0], core=make_core(tiny[0])).start()
     try:
         assert server.get("/health")[0] == 200
+        server.engine.step_delay_s = 0.01
 
         def broken_step():
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-        server.core.step = broken_step
+        async def stream_then_break():
+            async with aiohttp.ClientSession() as session:
+                resp = await session.post(server.url("/v1/completions"), headers=AUTH, json={
+                    "model": "tiny", "prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True})
+                await resp.content.readline()
+                server.core.step = broken_step
+                return [line.strip() async for line in resp.content if line.strip()]
+
+        lines = asyncio.run(asyncio.wait_for(stream_then_break(), 30))
+        assert lines[-1] == b"data: [DONE]"
+        error = json.loads(lines[-2][6:])["error"]
+        assert error["code"] == "engine_dead" and "illegal memory access" in error["message"]
         status, body = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4})
         assert status == 503 and "illegal memory access" in body["error"]["message"]
         status, health = server.get("/health")
