@@ -37,6 +37,7 @@ cluster-down:
 	@if [ -x $(VPY) ]; then $(VPY) -m e2e.cluster down; else echo "no .venv: nothing to stop"; fi
 
 e2e: $(STAMP)
+	$(VPY) -m e2e.cluster build   # first run: the build, with progress (pytest would hide it)
 	$(VPY) -m pytest e2e
 
 # The operator's CRD is generated from operator/api.py; the chart ships a copy.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from e2e.cluster.client import Cluster, container_pid, in_container, wait_for
@@ -57,6 +58,7 @@ LIVENESS_POD = {
             "name": "web", "image": "ignored",
             "command": ["python", "-m", "http.server", "--bind", "$(POD_IP)", "8080", "--directory", "/srv/data"],
             "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+            "startupProbe": {"httpGet": {"path": "/alive", "port": 8080}, "periodSeconds": 1, "failureThreshold": 60},
             "livenessProbe": {"httpGet": {"path": "/alive", "port": 8080}, "periodSeconds": 1, "failureThreshold": 2},
             "readinessProbe": {"httpGet": {"path": "/alive", "port": 8080}, "periodSeconds": 1},
             "volumeMounts": [{"name": "data", "mountPath": "/srv/data"}],
@@ -85,8 +87,12 @@ def test_failing_liveness_probe_restarts_the_container(cluster: Cluster, namespa
     assert last["exitCode"] in (143, 137)  # SIGTERM, or SIGKILL after the grace period
     events = cluster.get_json("events", "-n", namespace, "--field-selector", "involvedObject.name=flaky")["items"]
     assert any(e["reason"] == "Unhealthy" and "Liveness" in e["message"] for e in events)
-    # The restarted process serves nothing (the file is gone), so it is no longer Ready.
+    # The restarted process serves nothing (the file is gone): its startup probe keeps failing, so it is
+    # not started, liveness does not run yet (no second restart within the startup budget), not Ready.
+    time.sleep(4)
     pod = cluster.get_json("pod", "flaky", "-n", namespace)
+    status = pod["status"]["containerStatuses"][0]
+    assert status["started"] is False and status["restartCount"] == after["status"]["containerStatuses"][0]["restartCount"]
     assert not any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"]["conditions"])
 
 
