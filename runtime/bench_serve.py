@@ -159,20 +159,23 @@ async def _model_name(session: aiohttp.ClientSession, base: str, headers: dict) 
         return (await r.json())["data"][0]["id"]
 
 
-async def benchmark(args: argparse.Namespace) -> dict:
+async def benchmark(args: argparse.Namespace, requests: list[BenchRequest] | None = None) -> dict:
+    """Run one benchmark as ``args`` describe it; ``requests`` overrides the dataset arguments."""
     base = args.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         model = args.model or await _model_name(session, base, headers)
-        if args.dataset == "random":
+        if requests is not None:
+            pass
+        elif args.dataset == "random":
             pool = await _token_pool(session, base, model, headers)
             requests = random_requests(args.num_prompts, args.random_input_len, args.random_output_len, pool,
                                        args.random_range_ratio, args.seed)
         else:
             requests = file_requests(args.dataset_path, args.num_prompts, args.seed, args.random_output_len)
-        offsets = arrival_offsets(args.num_prompts, args.request_rate, args.arrival, args.burst_size, args.seed)
+        offsets = arrival_offsets(len(requests), args.request_rate, args.arrival, args.burst_size, args.seed)
         limit = asyncio.Semaphore(args.max_concurrency or len(requests))
         url = f"{base}/v1/completions"
 

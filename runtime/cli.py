@@ -143,7 +143,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.speculative_config:
         logging.getLogger("pagedserve.server").warning(
             "--speculative-config is passed to the engine, which does not implement speculative decoding yet")
-    return asyncio.run(run_server(server_config_from_args(args)))
+    code = asyncio.run(run_server(server_config_from_args(args)))
+    # Skip the interpreter's teardown (seconds of torch and tokenizer finalizers, nothing a stopping
+    # server needs): flush the logs and leave with the code.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
