@@ -22,8 +22,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VPY) -m ruff check .
 
+# Unit and integration tests, then the end-to-end suite on a real local Kubernetes control plane
+# (the first run builds its binaries into ~/.cache/pagedserve: ~20 min on 2 cores; later runs ~1 min).
 test: $(STAMP) lint helm
-	$(VPY) -m pytest tests
+	$(VPY) -m pytest tests e2e
 
 clean-venv:
 	rm -rf $(VENV)
