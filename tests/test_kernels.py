@@ -2,9 +2,11 @@
 
 On a machine with CUDA the kernels run compiled on the GPU with larger shapes. Without CUDA (CI) they run
 under the Triton interpreter (``TRITON_INTERPRET=1``) on CPU tensors and small shapes: nothing here is
-skipped for lack of a GPU. The interpreter must be chosen before the kernels are decorated, so
-``_load_kernels`` sets the variable, (re)imports the kernel modules if an earlier import compiled them for a
-GPU, and fails loudly if any kernel is still not interpreted.
+skipped for lack of a GPU. The interpreter must be chosen before Triton is imported: ``_load_kernels`` sets the
+variable, (re)imports the kernel modules if an earlier import decorated them for a GPU, and fails loudly if any
+kernel is still not interpreted. If Triton itself was imported earlier in this process without the interpreter
+(its own ``@jit`` helpers, e.g. the reductions' combine functions, are then compiled-mode), the tests of this
+file are replaced by one test that runs this file again in a fresh process with ``TRITON_INTERPRET=1``.
 
 Every output is poisoned with NaN first; errors are ‖out − ref‖ / ‖ref‖ with the bounds of the device
 docs' METHOD.md (bf16 operands within 1e-2; fp16 tighter).
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -22,6 +26,9 @@ import torch
 from pagedserve.kernels import reference
 
 ON_CUDA = torch.cuda.is_available()
+RERUN_IN_SUBPROCESS = (
+    not ON_CUDA and "triton.language" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+)
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 KERNEL_MODULES = (
     "pagedserve.kernels.triton_attention",
@@ -39,6 +46,8 @@ def _jit_functions(module):
 
 
 def _load_kernels():
+    if RERUN_IN_SUBPROCESS:
+        return None, None, None, None
     if ON_CUDA:
         return [importlib.import_module(name) for name in KERNEL_MODULES]
     os.environ["TRITON_INTERPRET"] = "1"
@@ -324,3 +333,17 @@ def test_dispatch_uses_triton_on_cuda_and_reference_elsewhere():
     assert kernels.use_triton(x) == ON_CUDA
     if not ON_CUDA:
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if RERUN_IN_SUBPROCESS:
+    for _name in [name for name in globals() if name.startswith("test_")]:
+        del globals()[_name]
+
+    def test_kernels_in_a_fresh_interpreter_process():
+        """Triton was imported before TRITON_INTERPRET could be set: run this file in a child process."""
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+            env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
