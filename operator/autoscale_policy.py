@@ -59,7 +59,7 @@ class Policy:
     tp_cooldown_s: float = 900.0
     tp_up_window_s: float = 120.0  # pressure at max replicas must last this long
     tp_down_window_s: float = 1800.0  # low load at min replicas must last this long
-    tp_down_headroom: float = 0.5  # step down only if the load would fill at most this x target at the lower degree
+    tp_down_headroom: float = 0.6  # step down only if the load would fill at most this x target at the lower degree
 
     def max_replicas_at(self, tp: int) -> int:
         """maxReplicas, or fewer where the GPU budget runs out first."""
@@ -356,7 +356,7 @@ def low_load(policy: Policy, obs: Observation, replicas: int, stable: list[Sampl
         return False
     scale = policy.tensor_parallel_size / lower_tp
     limit = policy.tp_down_headroom * policy.target_kv_cache_usage
-    return all(s.waiting == 0 and s.kv_cache_usage * scale <= limit for s in stable)
+    return all(s.waiting == 0 for s in stable) and mean([s.kv_cache_usage for s in stable]) * scale <= limit
 
 
 def low_load_since(policy: Policy, state: ScalerState, obs: Observation, replicas: int,

@@ -320,7 +320,7 @@ def test_tp_cooldown_spaces_changes() -> None:
 
 def test_tp_steps_down_after_sustained_low_load_only() -> None:
     policy = tp_policy(tensor_parallel_size=2, tp_down_window_s=1800)
-    quiet = lambda t, r: (0.0, 0.1)  # noqa: E731  0.1 at TP 2 -> 0.2 at TP 1 <= 0.5 x 0.8
+    quiet = lambda t, r: (0.0, 0.1)  # noqa: E731  0.1 at TP 2 -> 0.2 at TP 1 <= 0.6 x 0.8
     decisions, _, _ = drive(policy, quiet, 2000, replicas=1)
     i = next(i for i, d in enumerate(decisions) if d.action == "tp_down")
     assert i * TICK == 1800 and decisions[i].tensor_parallel_size == 1 and decisions[i].reason == "SustainedLowLoad"
@@ -328,7 +328,8 @@ def test_tp_steps_down_after_sustained_low_load_only() -> None:
     blip = lambda t, r: (0.0, 0.1 if not 900 <= t < 960 else 0.7)  # noqa: E731
     decisions, _, _ = drive(policy, blip, 3000, replicas=1)
     i = next(i for i, d in enumerate(decisions) if d.action == "tp_down")
-    assert i * TICK >= 960 + 60 + 1800 - TICK
+    # The clock restarts once the window's mean falls back under the limit, within a stable window of the blip.
+    assert 960 + 1800 <= i * TICK <= 960 + 60 + 1800
 
 
 def test_oom_steps_up_at_once_and_blocks_stepping_back_down() -> None:
