@@ -63,8 +63,6 @@ class EngineCore:
 
     def __init__(self, args: EngineArgs, source: ModelSource | None = None) -> None:
         t0 = time.monotonic()
-        if args.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not implemented yet in this build")
         self.args = args
         self.source = source or load_model_source(args.model)
         cfg = self.source.config
@@ -86,10 +84,19 @@ class EngineCore:
             num_kv_cache_tokens=args.num_kv_cache_tokens,
             enable_prefix_caching=args.enable_prefix_caching,
         )
-        self.runner = ModelRunner(
-            cfg, self.source.iter_weights(), self.dtype, self.device, self.cache_config,
-            self.scheduler_config, seed=args.seed,
-        )
+        if args.tensor_parallel_size == 1:
+            self.runner = ModelRunner(
+                cfg, self.source.iter_weights(), self.dtype, self.device, self.cache_config,
+                self.scheduler_config, seed=args.seed,
+            )
+        else:  # rank 0 here, ranks 1..N-1 in worker processes; same interface as ModelRunner
+            from pagedserve.runtime.distributed import TensorParallelRunner
+
+            self.runner = TensorParallelRunner(
+                self.source, self.dtype, self.device, self.cache_config, self.scheduler_config,
+                args.tensor_parallel_size, seed=args.seed,
+                capture_cuda_graphs=self.device.type == "cuda" and not args.enforce_eager,
+            )
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         if self.device.type == "cuda" and not args.enforce_eager:
@@ -157,6 +164,12 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def shutdown(self) -> None:
+        """Release what outlives the object on its own: tensor-parallel worker processes (no-op at TP=1)."""
+        shutdown = getattr(self.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     # ----------------------------------------------------------------------------- the step
     def step(self) -> list[RequestUpdate]:

@@ -157,10 +157,13 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Full-vocabulary logits on rank 0; None on the other ranks (only rank 0 samples)."""
         logits = F.linear(hidden, self.weight)
         if self.tp.size > 1:
-            logits = self.tp.all_gather_last_dim(logits)
+            logits = self.tp.gather_last_dim(logits)
+            if logits is None:
+                return None
         return logits[..., : self.vocab_size]
 
 

@@ -213,6 +213,8 @@ class ModelRunner:
         if sample_idx:
             last = torch.from_numpy(cu[1:][sample_idx] - 1).to(dev)
             logits = self.model.compute_logits(hidden.index_select(0, last))
+            if logits is None:  # a tensor-parallel rank other than 0: it joined the gather; rank 0 samples
+                return ModelRunnerOutput(sampled, None, None)
             rows_in = []
             for i in sample_idx:
                 st = states[i]
@@ -265,7 +267,10 @@ class ModelRunner:
             entries: list = [None] if start == 0 else []
             if end > start:
                 h = hidden[int(cu[i]): int(cu[i]) + (end - start)]
-                lp = torch.log_softmax(self.model.compute_logits(h).float(), dim=-1)
+                logits = self.model.compute_logits(h)
+                if logits is None:  # not tensor-parallel rank 0
+                    continue
+                lp = torch.log_softmax(logits.float(), dim=-1)
                 targets = prompt[start + 1: end + 1]
                 for j, tok in enumerate(targets):
                     entries.append(compute_logprobs(lp[j], torch.tensor(tok), st.params.prompt_logprobs))

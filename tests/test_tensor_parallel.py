@@ -1,0 +1,157 @@
+"""Tensor parallelism on CPU (gloo, one worker process per extra rank): token-identical greedy outputs to
+TP=1 and to HF transformers, refusal of sizes the model cannot be split into, and failure handling (a killed
+or hung worker makes step() raise within seconds; shutdown leaves no process behind)."""
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+from test_engine_parity import random_prompts
+from tiny_models import hf_greedy, hf_logprobs
+
+from pagedserve.runtime import LLM, SamplingParams
+from pagedserve.runtime.distributed import STEP_TIMEOUT_ENV, TensorParallelError
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def child_pids() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` no longer exists (or is only a zombie nobody will run again)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def tp_llms():
+    """Build LLMs through this and every one is shut down at the end, even when the test fails."""
+    made: list[LLM] = []
+
+    def make(path, **kw) -> LLM:
+        llm = LLM(path, **kw)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        llm.engine.shutdown()
+
+
+def generate_ids(llm: LLM, prompts, max_tokens: int) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=max_tokens, **GREEDY))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [
+        ("llama", {}),
+        ("mistral", {}),
+        ("qwen2", {}),  # q/k/v biases: sharded with their rows
+        ("qwen3", {}),  # per-head q/k norms
+        ("llama", {"num_key_value_heads": 1}),  # fewer KV heads than ranks: the one KV head is replicated
+    ],
+    ids=["llama", "mistral", "qwen2", "qwen3", "llama-1kv"],
+)
+def test_tp2_greedy_matches_tp1_and_hf(tiny_model_factory, tp_llms, arch, overrides):
+    path, hf, tok = tiny_model_factory(arch, **overrides)
+    prompts = random_prompts(len(tok), [1, 9, 17, 40], seed=21)
+    tp1 = generate_ids(tp_llms(path, num_kv_cache_tokens=2048), prompts, 16)
+    tp2_llm = tp_llms(path, num_kv_cache_tokens=2048, tensor_parallel_size=2)
+    assert len(tp2_llm.engine.runner.worker_pids()) == 1
+    tp2 = generate_ids(tp2_llm, prompts, 16)
+    assert tp2 == tp1
+    for p, out in zip(prompts, tp2, strict=True):
+        assert out == hf_greedy(hf, p, 16), f"prompt of {len(p)} tokens"
+
+
+def test_tp2_chunked_prefill_preemption_and_logprobs(tiny_model_factory, tp_llms):
+    """The paths where ranks must stay in step on more than one forward: 8-token prefill chunks, preemption
+    and resume under a 128-token KV pool, prompt logprobs (one logits gather per request)."""
+    path, hf, tok = tiny_model_factory("qwen2", num_key_value_heads=1)
+    llm = tp_llms(path, num_kv_cache_tokens=128, max_model_len=128, max_num_batched_tokens=8, max_num_seqs=4,
+                  tensor_parallel_size=2)
+    prompts = random_prompts(len(tok), [30, 25, 33, 20], seed=22)
+    outs = generate_ids(llm, prompts, 24)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for p, out in zip(prompts, outs, strict=True):
+        assert out == hf_greedy(hf, p, 24), f"prompt of {len(p)} tokens"
+    prompt = prompts[0]
+    out = llm.generate({"prompt_token_ids": prompt},
+                       SamplingParams(max_tokens=4, logprobs=3, prompt_logprobs=2, **GREEDY))[0]
+    ref = hf_logprobs(hf, prompt + out.outputs[0].token_ids)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        got = out.prompt_logprobs[pos][prompt[pos]].logprob
+        assert got == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_tp_size_that_does_not_divide_heads_is_refused(tiny_model_factory):
+    path, _, _ = tiny_model_factory("llama")
+    before = child_pids()
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 .*4 attention heads are not divisible by 3"):
+        LLM(path, tensor_parallel_size=3)
+    assert child_pids() == before  # refused before any worker started
+
+
+def test_killed_worker_is_detected_within_seconds(tiny_model_factory, tp_llms):
+    path, _, tok = tiny_model_factory("llama")
+    llm = tp_llms(path, num_kv_cache_tokens=2048, tensor_parallel_size=2)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=200, **GREEDY)
+    engine.add_request(engine.make_request("r0", random_prompts(len(tok), [12], seed=23)[0], params))
+    engine.step()
+    [pid] = engine.runner.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelError, match=rf"worker rank 1 \(pid {pid}\) was killed by SIGKILL"):
+        while engine.has_unfinished():  # the step in flight (or the next one) must notice
+            engine.step()
+    assert time.monotonic() - t0 < 5.0
+    with pytest.raises(TensorParallelError, match="dead"):  # and it stays dead
+        engine.step()
+    assert gone(pid)
+
+
+def test_hung_worker_is_detected_after_the_step_timeout(tiny_model_factory, tp_llms, monkeypatch):
+    monkeypatch.setenv(STEP_TIMEOUT_ENV, "2")
+    path, _, tok = tiny_model_factory("llama")
+    llm = tp_llms(path, num_kv_cache_tokens=2048, tensor_parallel_size=2)
+    engine = llm.engine
+    engine.add_request(engine.make_request("r0", random_prompts(len(tok), [12], seed=24)[0],
+                                           SamplingParams(max_tokens=50, **GREEDY)))
+    engine.step()
+    [pid] = engine.runner.worker_pids()
+    os.kill(pid, signal.SIGSTOP)  # alive, but never answers again
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelError, match="no progress for 2s"):
+        engine.step()
+    assert 1.5 < time.monotonic() - t0 < 6.0
+    deadline = time.monotonic() + 5.0  # the stopped worker is killed, not left behind
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(pid)
+
+
+def test_shutdown_leaves_no_worker_processes(tiny_model_factory):
+    path, hf, tok = tiny_model_factory("llama")
+    before = child_pids()
+    llm = LLM(path, num_kv_cache_tokens=2048, tensor_parallel_size=2)
+    pids = llm.engine.runner.worker_pids()
+    assert set(pids) <= child_pids() - before and all(not gone(p) for p in pids)
+    prompt = random_prompts(len(tok), [10], seed=25)[0]
+    assert generate_ids(llm, [prompt], 8) == [hf_greedy(hf, prompt, 8)]
+    llm.engine.shutdown()
+    assert all(gone(p) for p in pids)
+    assert child_pids() - before == set()
+    llm.engine.shutdown()  # idempotent
+    with pytest.raises(TensorParallelError, match="shut down"):
+        llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, **GREEDY))
