@@ -159,6 +159,11 @@ class AutoscalingSpec(Model):
     )
     gpu_budget: int | None = Field(None, ge=1, le=100_000, description="Most GPUs all replicas may use.")
     prometheus_url: str | None = Field(None, pattern=r"^https?://", max_length=1024)
+    num_key_value_heads: int | None = Field(
+        None, ge=1, le=1024, description="The model's KV heads (config.json); TP degrees must split or replicate them."
+    )
+    num_attention_heads: int | None = Field(None, ge=1, le=4096, description="The model's query heads (config.json).")
+    tensor_parallel_cooldown_seconds: int = Field(900, ge=0, le=86400, description="Least time between TP changes.")
 
 
 class RolloutSpec(Model):
@@ -266,9 +271,14 @@ class AutoscalerStatus(Model):
 
     desired_replicas: int | None = None
     desired_tensor_parallel_size: int | None = None
+    current_replicas: int | None = None
+    ready_replicas: int | None = None
+    current_tensor_parallel_size: int | None = None
     last_decision: str | None = None
     last_decision_reason: str | None = None
+    last_decision_message: str | None = None
     last_decision_time: str | None = None
+    last_change_time: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
