@@ -155,3 +155,68 @@ def test_shutdown_leaves_no_worker_processes(tiny_model_factory):
     llm.engine.shutdown()  # idempotent
     with pytest.raises(TensorParallelError, match="shut down"):
         llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, **GREEDY))
+
+
+ENGINE_SCRIPT = """
+import sys, time
+from pagedserve.runtime import LLM
+llm = LLM(sys.argv[1], num_kv_cache_tokens=2048, tensor_parallel_size=2)
+print(*llm.engine.runner.worker_pids(), flush=True)
+if sys.argv[2] == "sleep":
+    time.sleep(600)
+# else: fall off the end without shutdown(): the finalizer must stop the workers at interpreter exit
+"""
+
+
+@pytest.mark.parametrize("how", ["interpreter-exit", "engine-sigkilled"])
+def test_workers_do_not_outlive_the_engine_process(tiny_model_factory, how):
+    import subprocess
+    import sys
+
+    path, _, _ = tiny_model_factory("llama")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ENGINE_SCRIPT, path, "exit" if how == "interpreter-exit" else "sleep"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 1
+        if how == "engine-sigkilled":
+            assert not gone(pids[0])
+            proc.kill()  # no finalizer runs: the worker must notice its parent is gone by itself
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 10.0
+        while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(gone(p) for p in pids)
+        if how == "interpreter-exit":
+            assert proc.returncode == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(("size", "heads", "kv_heads"), [(4, 4, 2), (8, 8, 2), (4, 8, 4), (2, 4, 1)])
+def test_qkv_shards_pick_the_kv_head_of_their_query_heads(size, heads, kv_heads):
+    """Every rank's K/V rows are those of the KV head its query heads attend to under grouped-query
+    attention (replicated when ranks outnumber KV heads); checked at sizes the CPU tests cannot start."""
+    import torch
+
+    from pagedserve.runtime.layers import QKVParallelLinear
+    from pagedserve.runtime.parallel import TPGroup
+
+    head_dim, hidden = 2, 6
+    q = torch.randn(heads * head_dim, hidden)
+    k = torch.randn(kv_heads * head_dim, hidden)
+    v = torch.randn(kv_heads * head_dim, hidden)
+    group = heads // kv_heads  # query heads per KV head
+    for rank in range(size):
+        layer = QKVParallelLinear(hidden, head_dim, heads, kv_heads, bias=False, tp=TPGroup(rank, size))
+        for shard, w in (("q", q), ("k", k), ("v", v)):
+            layer.weight.weight_loader(layer.weight, w, shard)
+        q_heads = list(range(rank * heads // size, (rank + 1) * heads // size))
+        kv_of = sorted({h // group for h in q_heads})
+        rows = layer.weight.view(-1, head_dim, hidden)
+        assert torch.equal(rows[: len(q_heads)], q.view(heads, head_dim, hidden)[q_heads])
+        assert torch.equal(rows[len(q_heads): len(q_heads) + len(kv_of)], k.view(kv_heads, head_dim, hidden)[kv_of])
+        assert torch.equal(rows[len(q_heads) + len(kv_of):], v.view(kv_heads, head_dim, hidden)[kv_of])
