@@ -48,12 +48,7 @@ crds: $(STAMP)
 	$(VPY) -m pagedserve.operator.crdgen > crds/llmdeployments.pagedserve.io.yaml
 	cp crds/llmdeployments.pagedserve.io.yaml charts/pagedserve-operator/crds/
 
-# helm for `helm lint` in tests (and the e2e cluster), built with Go into ~/.cache/pagedserve/bin.
-HELM_VERSION := v3.19.0
-HELM := $(HOME)/.cache/pagedserve/bin/helm
-helm: $(HELM)
-$(HELM):
-	@if command -v go >/dev/null; then \
-		echo "building helm $(HELM_VERSION) (first time only)"; \
-		GOBIN=$(dir $(HELM)) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION); \
-	else echo "go not found: helm tests will be skipped (install Go, or set HELM=/path/to/helm)"; fi
+# helm for `helm lint` in tests is the e2e cluster's own pinned build (e2e/cluster/versions.py), built
+# with Go together with kubectl and the control plane into ~/.cache/pagedserve/k8s-<version>/bin.
+helm: $(STAMP)
+	$(VPY) -m e2e.cluster build

@@ -39,8 +39,14 @@ def rules(*items: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
 
 
 def nested(model: type[BaseModel], **kwargs: Any) -> Any:
-    """A sub-object that defaults to `{}`, so the API server also fills in the defaults inside it."""
-    return Field(default_factory=model, json_schema_extra={"default": {}}, **kwargs)
+    """A sub-object whose schema default is the model's complete default value.
+
+    Not `{}`: the API server validates a default as written, without filling in the defaults inside
+    it, so CEL rules on the sub-object (`self.minReplicas <= self.maxReplicas`) would find no such key
+    and the CRD itself would be rejected.
+    """
+    default = model().model_dump(by_alias=True, exclude_none=True, mode="json")
+    return Field(default_factory=model, json_schema_extra={"default": default}, **kwargs)
 
 
 def empty_list(**kwargs: Any) -> Any:
@@ -67,6 +73,12 @@ class PvcSource(Model):
 
 class HostPathSource(Model):
     path: str = Field(pattern=r"^/", max_length=1024, description="Model folder on the node.")
+    file: str = Field(
+        "",
+        pattern=r"^([A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*)?$",
+        max_length=1024,
+        description="A file inside that folder to serve (e.g. a .gguf); empty: the folder is the model.",
+    )
 
 
 class ModelSource(Model):

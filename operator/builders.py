@@ -29,6 +29,7 @@ RUNTIME_PORT = 8000
 MODEL_MOUNT = "/models"
 FETCHED_MODEL_DIR = f"{MODEL_MOUNT}/model"
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
+POD_IP_ENV = "POD_IP"
 # SIGTERM arrives after the preStop pause; the runtime then drains for --shutdown-timeout seconds.
 GRACE_MARGIN_SECONDS = 5
 
@@ -75,7 +76,7 @@ def model_path(spec: LLMDeploymentSpec) -> str:
         sub = source.pvc.path.strip("/")
         return f"{MODEL_MOUNT}/{sub}" if sub else MODEL_MOUNT
     if source.host_path is not None:
-        return MODEL_MOUNT
+        return f"{MODEL_MOUNT}/{source.host_path.file}" if source.host_path.file else MODEL_MOUNT
     return FETCHED_MODEL_DIR
 
 
@@ -84,7 +85,7 @@ def runtime_args(name: str, spec: LLMDeploymentSpec, tp: int) -> list[str]:
     engine = spec.engine
     args = [
         model_path(spec),
-        "--host", "0.0.0.0",
+        "--host", f"$({POD_IP_ENV})",  # expanded by the kubelet; pods may share one network stack
         "--port", str(RUNTIME_PORT),
         "--served-model-name", served_model_name(spec, name),
         "--max-model-len", str(engine.max_model_len),
@@ -190,7 +191,8 @@ def pod_template(name: str, spec: LLMDeploymentSpec, tp: int) -> dict[str, Any]:
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["pagedserve", "serve"],
         "args": runtime_args(name, spec, tp),
-        "env": container_env(spec),
+        "env": [{"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                *container_env(spec)],
         "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
         "resources": container_resources(spec, tp),
         **probes(spec),

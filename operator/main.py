@@ -29,6 +29,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="kopf peering name shared by the replicas of one operator")
     parser.add_argument("--standalone", action="store_true", help="no peering: only ever run one replica")
     parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    parser.add_argument("--host", default=os.environ.get("POD_IP") or "0.0.0.0",
+                        help="address the health and metrics servers bind (in a pod: its IP, env POD_IP)")
     parser.add_argument("--health-port", type=int, default=8080, help="GET /healthz (kopf liveness); 0: off")
     parser.add_argument("--metrics-port", type=int, default=8081, help="GET /metrics; 0: off")
     parser.add_argument("--resync-seconds", type=float, default=60.0, help="reconcile each object at least this often")
@@ -49,7 +51,7 @@ async def run(args: argparse.Namespace) -> None:
         token_path=SERVICE_ACCOUNT_TOKEN if os.path.exists(SERVICE_ACCOUNT_TOKEN) else None,
         prometheus_url=args.prometheus_url,
     )
-    runner = await metrics.start_server("0.0.0.0", args.metrics_port) if args.metrics_port else None
+    runner = await metrics.start_server(args.host, args.metrics_port) if args.metrics_port else None
     try:
         await kopf.operator(
             registry=handlers.make_registry(),
@@ -59,7 +61,7 @@ async def run(args: argparse.Namespace) -> None:
             standalone=args.standalone,
             priority=args.priority,
             peering_name=args.peering,
-            liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+            liveness_endpoint=f"http://{args.host}:{args.health_port}/healthz" if args.health_port else None,
         )
     finally:
         if runner is not None:

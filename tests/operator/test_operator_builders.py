@@ -62,14 +62,14 @@ def test_smollm2_deployment_exactly() -> None:
                         "imagePullPolicy": "IfNotPresent",
                         "command": ["pagedserve", "serve"],
                         "args": [
-                            "/models", "--host", "0.0.0.0", "--port", "8000",
+                            "/models/SmolLM2-135M-Instruct.Q4_1.gguf", "--host", "$(POD_IP)", "--port", "8000",
                             "--served-model-name", "smollm2-135m-instruct", "--max-model-len", "2048",
                             "--gpu-memory-utilization", "0.9", "--block-size", "16",
                             "--num-kv-cache-tokens", "16384", "--tensor-parallel-size", "1",
                             "--max-num-seqs", "16", "--max-waiting-requests", "1024", "--shutdown-timeout", "30",
                             "--log-level", "info", "--device", "cpu", "--dtype", "float32",
                         ],
-                        "env": [],
+                        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                         "ports": [{"name": "http", "containerPort": 8000, "protocol": "TCP"}],
                         "resources": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"memory": "2Gi"}},
                         "startupProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 10,
@@ -126,7 +126,7 @@ def test_uri_source_fetches_in_an_init_container_and_api_key_from_secret() -> No
     runtime = pod["spec"]["containers"][0]
     assert runtime["args"][0] == "/models/model"
     assert runtime["args"][-2:] == ["--api-key", "$(PAGEDSERVE_API_KEY)"]
-    assert runtime["env"] == [{"name": "PAGEDSERVE_API_KEY",
+    assert runtime["env"][1:] == [{"name": "PAGEDSERVE_API_KEY",
                                "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api"}}}]
     assert pod["metadata"]["annotations"]["pagedserve.io/model-revision"] == "v2"
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import kubernetes_validate
 import pytest
@@ -16,17 +18,25 @@ CHART = ROOT / "charts" / "pagedserve-operator"
 KUBE_VERSION = "1.31.0"
 
 
+def _e2e_versions():
+    """e2e/cluster/versions.py (stdlib only): where the one pinned helm build lives (`make helm`)."""
+    spec = importlib.util.spec_from_file_location("_e2e_versions", ROOT / "e2e" / "cluster" / "versions.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def helm_binary() -> str | None:
-    for candidate in (os.environ.get("HELM"), str(pathlib.Path.home() / ".cache/pagedserve/bin/helm"),
-                      shutil.which("helm")):
+    for candidate in (os.environ.get("HELM"), str(_e2e_versions().BIN_DIR / "helm"), shutil.which("helm")):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
 
 
 HELM = helm_binary()
-needs_helm = pytest.mark.skipif(HELM is None, reason="helm not found: `make helm` builds it with Go into "
-                                "~/.cache/pagedserve/bin (or set HELM=/path/to/helm)")
+needs_helm = pytest.mark.skipif(HELM is None, reason="helm not found: `make helm` builds it with Go (with the "
+                                "e2e cluster's binaries; or set HELM=/path/to/helm)")
 
 
 def render(*sets: str) -> list[dict]:

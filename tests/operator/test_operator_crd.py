@@ -7,9 +7,10 @@ import pathlib
 import subprocess
 import sys
 
+import jsonschema
 import pytest
 import yaml
-from crd_validation import apply_defaults, validate
+from crd_validation import _to_jsonschema, apply_defaults, cel_errors, validate
 
 from pagedserve.operator import crdgen
 from pagedserve.operator.api import LLMDeploymentSpec
@@ -160,3 +161,27 @@ def test_valid_variants_are_accepted() -> None:
         if manifest["spec"].get("tensorParallelSize") == 8:
             manifest["spec"]["engine"]["device"] = "cuda"
         assert validate(manifest, CRD) == [], manifest["spec"]
+
+
+def defaults_the_api_server_rejects(schema: dict) -> list[str]:
+    """Check every `default` as the API server does when the CRD is created: against the schema and CEL
+    rules of its own node, *as written* (defaults nested inside a default are not filled in first)."""
+    errors = []
+    for path, node in walk(schema):
+        if "default" not in node:
+            continue
+        for error in jsonschema.Draft4Validator(_to_jsonschema(node)).iter_errors(node["default"]):
+            errors.append(f"{path}: default: {error.message}")
+        errors += [f"{path}: default: {e}" for e in cel_errors(node["default"], node, path)]
+    return errors
+
+
+def test_every_default_passes_its_own_schema_and_cel_rules() -> None:
+    assert defaults_the_api_server_rejects(SCHEMA) == []
+
+
+def test_a_bare_default_object_under_a_cel_rule_is_caught() -> None:
+    """The bug the real API server found: `default: {}` under `self.minReplicas <= self.maxReplicas`."""
+    schema = copy.deepcopy(SCHEMA)
+    schema["properties"]["spec"]["properties"]["autoscaling"]["default"] = {}
+    assert any("autoscaling" in e and "minReplicas" in e for e in defaults_the_api_server_rejects(schema))
