@@ -11,12 +11,13 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import kopf
 
-from pagedserve.operator import builders, conditions, metrics, reconcile
+from pagedserve.operator import autoscaler, builders, conditions, metrics, reconcile
 from pagedserve.operator.api import GROUP, PLURAL, VERSION
 from pagedserve.operator.kube import Kube
 
@@ -28,8 +29,10 @@ class OperatorConfig:
     resync_seconds: float = 60.0
     connection: kopf.ConnectionInfo | None = None  # None: in-cluster service account, else kubeconfig
     token_path: str | None = None  # re-read on every request (projected tokens rotate)
-    prometheus_url: str | None = None  # for the autoscaler (issue 6)
+    prometheus_url: str | None = None  # for the autoscaler, unless an object names its own
     error_backoff_max: float = 60.0
+    autoscale_interval_seconds: float = 15.0
+    metrics_source: Callable[[str], autoscaler.MetricsSource] = autoscaler.prometheus_source  # tests: a fake
 
 
 class Shared:
@@ -72,6 +75,25 @@ async def sleep_until_woken(wake: asyncio.Event, stopped: kopf.DaemonStopped, de
             waiter.cancel()
 
 
+async def autoscale_once(memo: Memo, namespace: str, name: str, body: kopf.Body, scaler: autoscaler.Memory,
+                         logger: kopf.Logger) -> bool:
+    """One autoscaler tick; True while the object has autoscaling on. Failures are logged, never fatal."""
+    try:
+        assert memo.shared.kube is not None, "login handler ran first"
+        fresh = await memo.shared.kube.get_or_none(reconcile.llmd_path(namespace, name))
+        if fresh is None:
+            return False
+        decision = await autoscaler.tick(
+            memo.shared.kube, fresh, scaler, default_url=memo.config.prometheus_url,
+            factory=memo.config.metrics_source, emit=partial(post_event, body), now=time.monotonic(),
+            stamp=conditions.now_rfc3339(),
+        )
+        return decision is not None
+    except Exception as exc:  # a failed tick holds; the next one starts afresh
+        logger.warning("autoscaler tick failed (%s: %s)", type(exc).__name__, exc)
+        return True
+
+
 def make_registry() -> kopf.OperatorRegistry:
     """All handlers of the operator, on a registry of their own (tests run several operators in turn)."""
     registry = kopf.OperatorRegistry()
@@ -111,9 +133,14 @@ def make_registry() -> kopf.OperatorRegistry:
         wake = memo.shared.wakeups.setdefault(key, asyncio.Event())
         metrics.MANAGED.inc()
         failures = 0
+        scaler = autoscaler.Memory()
+        next_autoscale, autoscaling = 0.0, False
         try:
             while not stopped:
                 wake.clear()
+                if time.monotonic() >= next_autoscale:  # first, so the reconcile pass below carries out its change
+                    next_autoscale = time.monotonic() + memo.config.autoscale_interval_seconds
+                    autoscaling = await autoscale_once(memo, namespace, name, body, scaler, logger)
                 started = time.monotonic()
                 try:
                     assert memo.shared.kube is not None, "login handler ran first"
@@ -139,8 +166,11 @@ def make_registry() -> kopf.OperatorRegistry:
                         logger.info("reconciled: %s", "; ".join(result.writes))
                 finally:
                     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+                if autoscaling:
+                    delay = max(0.0, min(delay, next_autoscale - time.monotonic()))
                 await sleep_until_woken(wake, stopped, delay)
         finally:
+            await scaler.close()
             metrics.MANAGED.dec()
             if memo.shared.wakeups.get(key) is wake:
                 del memo.shared.wakeups[key]
