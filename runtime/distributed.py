@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import json
 import logging
 import os
 import pickle
@@ -36,6 +37,7 @@ from pagedserve.runtime.config import CacheConfig, SchedulerConfig
 from pagedserve.runtime.worker import (
     SHUTDOWN,
     STORE_HOST,
+    WORKER_BOOT,
     RankSpec,
     agree_num_blocks,
     build_runner,
@@ -146,7 +148,7 @@ def _start_worker(spec: RankSpec, rank: int) -> tuple[subprocess.Popen, Connecti
     ours, theirs = socket.socketpair()
     with theirs:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pagedserve.runtime.worker", str(theirs.fileno())],
+            [sys.executable, "-c", WORKER_BOOT, str(theirs.fileno()), json.dumps(sys.path)],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
         )
     conn = Connection(ours.detach())
@@ -321,6 +323,12 @@ class TensorParallelRunner:
             raise TensorParallelError(self.dead_reason)
         if self._closed:
             raise TensorParallelError("tensor-parallel engine has been shut down")
+
+    def check_health(self) -> None:
+        """Raise TensorParallelError if a worker has died, even while no step runs (cheap: one waitpid each)."""
+        self._raise_if_dead()
+        if self._dead_workers():
+            self._fail("health check", None)
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._procs]

@@ -165,6 +165,13 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def check_health(self) -> None:
+        """Raise if the engine can no longer serve (a tensor-parallel worker died); cheap, for liveness probes
+        and idle loops, where no step would notice."""
+        check = getattr(self.runner, "check_health", None)
+        if check is not None:
+            check()
+
     def shutdown(self) -> None:
         """Release what outlives the object on its own: tensor-parallel worker processes (no-op at TP=1)."""
         shutdown = getattr(self.runner, "shutdown", None)

@@ -26,6 +26,14 @@ from pagedserve.runtime.parallel import TPGroup
 
 STORE_HOST = "127.0.0.1"
 SHUTDOWN = b""  # the message that stops a worker (a pickled SchedulerOutput is never empty)
+# How the engine starts a worker: ``python -c WORKER_BOOT FD SYS_PATH``. Not multiprocessing's spawn, which
+# re-runs the user's main script in the child; and the parent's sys.path is handed over so the worker imports
+# pagedserve from wherever the engine did (an editable install, PYTHONPATH, or a path added at run time).
+WORKER_BOOT = (
+    "import json, sys; sys.path[:0] = json.loads(sys.argv[2]); "
+    "from multiprocessing.connection import Connection; "
+    "from pagedserve.runtime.worker import worker_main; worker_main(Connection(int(sys.argv[1])))"
+)
 
 
 @dataclass(frozen=True)
@@ -134,12 +142,3 @@ def worker_main(conn) -> None:
         os._exit(1)
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    # Started as ``python -m pagedserve.runtime.worker FD`` (not multiprocessing's spawn, which would re-run the
-    # user's main script in the worker); FD is this end of a socket pair to the engine.
-    import sys
-    from multiprocessing.connection import Connection
-
-    worker_main(Connection(int(sys.argv[1])))

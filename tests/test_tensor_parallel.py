@@ -121,6 +121,24 @@ def test_killed_worker_is_detected_within_seconds(tiny_model_factory, tp_llms):
     assert gone(pid)
 
 
+def test_health_check_sees_a_dead_worker_while_idle(tiny_model_factory, tp_llms):
+    path, _, _ = tiny_model_factory("llama")
+    engine = tp_llms(path, num_kv_cache_tokens=2048, tensor_parallel_size=2).engine
+    engine.check_health()  # healthy: no error
+    [pid] = engine.runner.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            engine.check_health()
+        except TensorParallelError as e:
+            assert f"worker rank 1 (pid {pid}) was killed by SIGKILL" in str(e)
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("check_health() did not notice the killed worker within 5s")
+
+
 def test_hung_worker_is_detected_after_the_step_timeout(tiny_model_factory, tp_llms, monkeypatch):
     monkeypatch.setenv(STEP_TIMEOUT_ENV, "2")
     path, _, tok = tiny_model_factory("llama")

@@ -1,0 +1,142 @@
+"""Tensor-parallel scaling on one host: TP=1 vs TP=N (default 1,2) on Llama-3.1-8B-shaped random bf16 weights,
+batch-1 inter-token latency and saturated offline throughput (total and per GPU), each next to its ceiling.
+
+    python3 bench/bench_tp.py --model-dir /tmp/llama8b --out bench/results/tp_h100x2.json   # on nvidia-h100-x2
+
+The weights are made on the GPU and written as safetensors once (bench/gpu_common.py), then every rank loads
+only its shard through our loader. One engine at a time in this process: rank 0 runs here on cuda:0, ranks
+1..N-1 in worker processes on cuda:1..; each engine is shut down before the next starts.
+
+Ceilings: batch-1 ITL >= (weight bytes / N) / copy bandwidth (each GPU reads its shard once per token; the
+all-reduces add on top: 2 per layer of hidden_size bf16 values); throughput from bench_offline's roofline with
+N times the copy bandwidth and matmul rate (perfect scaling). Goal (issue 7): ITL at TP=2 at least 1.6x lower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+# Never NVLink multicast on shared hosts (set before torch/NCCL read them; the engine also sets them).
+for _key, _value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                     "NVSHMEM_DISABLE_NVLS": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from bench_offline import batch1_latency, roofline, run_ours, workload  # noqa: E402
+from gpu_common import LLAMA_8B, environment, llama_param_bytes, measure_ceilings, write_random_llama  # noqa: E402
+
+
+def run_tp(args, shape: dict, tp: int, ceil: dict) -> dict:
+    from pagedserve.runtime import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=args.max_model_len,
+              gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=tp)
+    res: dict = {"tensor_parallel_size": tp, "load_s": time.perf_counter() - t0}
+    try:
+        kv_tokens = llm.engine.kv.num_blocks * llm.engine.kv.block_size
+        res["kv_capacity_tokens"] = kv_tokens
+        print(f"[TP={tp}] loaded in {res['load_s']:.0f}s; KV capacity {kv_tokens} tokens (each rank holds "
+              f"1/{tp} of every token's K/V)", flush=True)
+        vocab = shape["vocab_size"]
+        wbytes = llama_param_bytes(shape)
+        lat = batch1_latency(llm, vocab)
+        lat["ceiling_ms"] = wbytes / tp / ceil["copy_GBps"] / 1e6
+        lat["fraction_of_ceiling"] = lat["ceiling_ms"] / lat["itl_ms"]
+        res["batch1"] = lat
+        print(f"[TP={tp}] batch-1 ITL {lat['itl_ms']:.2f} ms (ceiling {lat['ceiling_ms']:.2f} ms from "
+              f"{wbytes / tp / 1e9:.1f} GB of weights per GPU: {lat['fraction_of_ceiling']:.0%}), "
+              f"TTFT {lat['ttft_s'] * 1e3:.0f} ms", flush=True)
+        lens = workload(args.workload, args.num_requests)
+        concurrency = int(min(args.max_num_seqs, kv_tokens // np.mean([i + o for i, o in lens])))
+        scaled = {"copy_GBps": ceil["copy_GBps"] * tp, "matmul_bf16_TFLOPs": ceil["matmul_bf16_TFLOPs"] * tp}
+        rl = roofline(lens, shape, concurrency, scaled)
+        r = run_ours(llm, lens, vocab)
+        r["roofline"] = rl
+        r["fraction_of_roofline"] = rl["t_floor_s"] / r["elapsed_s"]
+        r["output_tok_per_s_per_gpu"] = r["output_tok_per_s"] / tp
+        res["throughput"] = r
+        print(f"[TP={tp}] workload {args.workload}: {len(lens)} reqs, {r['output_tok_per_s']:.0f} out tok/s "
+              f"({r['output_tok_per_s_per_gpu']:.0f} per GPU) in {r['elapsed_s']:.1f}s; roofline "
+              f"{rl['output_tok_per_s_ceiling']:.0f} ({rl['bound']}-bound) -> {r['fraction_of_roofline']:.0%}",
+              flush=True)
+        for k, v in r["step_summary"].items():
+            print(f"   {k:>18}: {v['steps']:5d} steps, {v['mean_ms']:7.2f} ms mean, {v['total_s']:6.2f} s",
+                  flush=True)
+    finally:
+        llm.engine.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", default="/tmp/llama8b")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tp-sizes", default="1,2")
+    ap.add_argument("--workload", default="a", choices=["a", "b"])
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (eager decode)")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
+    args = ap.parse_args()
+
+    sizes = [int(s) for s in args.tp_sizes.split(",")]
+    if max(sizes) > torch.cuda.device_count():
+        raise SystemExit(f"--tp-sizes {args.tp_sizes} needs {max(sizes)} GPUs; {torch.cuda.device_count()} visible")
+    shape = dict(LLAMA_8B)
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    result = {"env": environment(), "shape": shape, "args": vars(args),
+              "nccl_env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM_"))}}
+    ceil = measure_ceilings()
+    result["ceilings_per_gpu"] = ceil
+    print(f"ceilings (cuda:0): copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} "
+          f"TFLOP/s", flush=True)
+    if not os.path.exists(os.path.join(args.model_dir, "model.safetensors.index.json")):
+        t0 = time.perf_counter()
+        write_random_llama(args.model_dir, shape)
+        result["write_weights_s"] = time.perf_counter() - t0
+        print(f"wrote random weights in {result['write_weights_s']:.0f}s", flush=True)
+    torch.cuda.empty_cache()
+
+    result["runs"] = {}
+    for tp in sizes:
+        result["runs"][str(tp)] = run_tp(args, shape, tp, ceil)
+        if args.out:  # keep what finished if a later size fails
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2, default=str)
+
+    runs = result["runs"]
+    print("\n| TP | batch-1 ITL | ITL ceiling | out tok/s | per GPU | KV tokens | load |\n|---|---|---|---|---|---|---|")
+    for tp, r in runs.items():
+        print(f"| {tp} | {r['batch1']['itl_ms']:.2f} ms | {r['batch1']['ceiling_ms']:.2f} ms | "
+              f"{r['throughput']['output_tok_per_s']:.0f} | {r['throughput']['output_tok_per_s_per_gpu']:.0f} | "
+              f"{r['kv_capacity_tokens']} | {r['load_s']:.0f}s |")
+    if "1" in runs:
+        base = runs["1"]
+        result["scaling"] = {
+            tp: {"itl_speedup": base["batch1"]["itl_ms"] / r["batch1"]["itl_ms"],
+                 "throughput_speedup": r["throughput"]["output_tok_per_s"] / base["throughput"]["output_tok_per_s"]}
+            for tp, r in runs.items() if tp != "1"
+        }
+        for tp, s in result["scaling"].items():
+            print(f"TP={tp} vs TP=1: ITL {s['itl_speedup']:.2f}x lower (goal >= 1.6x at TP=2), "
+                  f"throughput {s['throughput_speedup']:.2f}x", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
