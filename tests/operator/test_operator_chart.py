@@ -101,6 +101,7 @@ def test_rbac_grants_only_what_the_operator_uses() -> None:
         ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
         ("pagedserve.io", "llmdeployments"): {"get", "list", "watch", "patch"},
         ("pagedserve.io", "llmdeployments/status"): {"get", "patch"},
+        ("pagedserve.io", "llmdeployments/scale"): {"get", "patch"},
         ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
         ("", "services"): {"get", "list", "watch", "create", "patch"},
         ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch"},
