@@ -128,10 +128,13 @@ def main() -> None:
     result = {
         "env": env, "shape": "llama-3.1-8b random bf16", "args": vars(args), "server_ready_s": ready_s,
         "drain_s": drain_s, "server_exit_code": exit_code, "runs": runs,
-        "offline": {"elapsed_s": offline_s, "output_tokens": offline_tokens, "output_tok_per_s": offline_tps},
+        "offline": {"elapsed_s": offline_s, "output_tokens": offline_tokens, "output_tok_per_s": offline_tps,
+                    "steps": llm.last_stats.get("steps")},
         "server_vs_offline": ratio,
         "metrics_tail": [line for line in metrics_text.splitlines()
-                         if line.startswith(("vllm:num_preemptions", "vllm:prefix_cache", "vllm:request_success"))],
+                         if line.startswith(("vllm:num_preemptions", "vllm:prefix_cache", "vllm:request_success_total",
+                                             "pagedserve_engine_step_seconds_sum", "pagedserve_engine_step_seconds_count",
+                                             "pagedserve_engine_steps"))],
     }
     if args.out:
         with open(args.out, "w") as f:

@@ -14,10 +14,12 @@ frees its KV blocks at once. If the engine loop dies, every open stream raises `
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -116,14 +118,23 @@ class _Track:
 
 
 class RequestStream:
-    """Async iterator over one request's chunks. ``close()`` aborts the request if it is unfinished."""
+    """Async iterator over one request's chunks. ``close()`` aborts the request if it is unfinished.
+
+    A reader that falls behind gets the chunks waiting for it merged into one (fewer events to encode and
+    write when the server is busy; every token, text piece and logprob is still there, in order).
+    """
 
     def __init__(self, engine: AsyncEngine, request_id: str, num_prompt_tokens: int) -> None:
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
         self.finished = False
         self._engine = engine
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._items: deque = deque()
+        self._ready = asyncio.Event()
+
+    def _put(self, item: RequestChunk | BaseException) -> None:
+        self._items.append(item)
+        self._ready.set()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -131,11 +142,16 @@ class RequestStream:
     async def __anext__(self) -> RequestChunk:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
         if isinstance(item, BaseException):
             self.finished = True
             self._engine._forget(self)
             raise item
+        while self._items and not item.finished and not isinstance(self._items[0], BaseException):
+            item = merge_chunks(item, self._items.popleft())
         if item.finished:
             self.finished = True
             self._engine._forget(self)
@@ -148,8 +164,29 @@ class RequestStream:
         self._engine._forget(self)
 
 
+def merge_chunks(a: RequestChunk, b: RequestChunk) -> RequestChunk:
+    """``a`` followed by ``b`` as one chunk."""
+    choices = {c.index: c for c in a.choices}
+    for c in b.choices:
+        prev = choices.get(c.index)
+        if prev is None:
+            choices[c.index] = c
+            continue
+        logprobs = None if prev.logprobs is None and c.logprobs is None else (prev.logprobs or []) + (c.logprobs or [])
+        choices[c.index] = ChoiceDelta(c.index, prev.text + c.text, prev.token_ids + c.token_ids, logprobs,
+                                       c.finish_reason, c.stop_reason)
+    return RequestChunk(b.request_id, [choices[i] for i in sorted(choices)], b.finished, b.num_prompt_tokens,
+                        b.num_cached_tokens)
+
+
 class AsyncEngine:
-    """Serve ``EngineCore`` to asyncio code. Call ``start()`` from inside the running event loop."""
+    """Serve ``EngineCore`` to asyncio code. Call ``start()`` from inside the running event loop.
+
+    Threads: the engine thread owns ``EngineCore`` (scheduler, KV manager, runner) and does nothing but
+    admit, abort, finish and step. Everything per token after the step (detokenization, stop strings,
+    logprobs, chunks, metrics) runs on the event loop, where it overlaps the next step's GPU work instead of
+    delaying it. A stop string therefore reaches the engine one step late; the extra token is dropped.
+    """
 
     def __init__(
         self,
@@ -172,22 +209,24 @@ class AsyncEngine:
         self.hang_timeout_s = hang_timeout_s
         # Test hook: sleep after each step so tests can observe a busy engine on a fast machine.
         self.step_delay_s = step_delay_s
+        # Event-loop side: the output processor and per-request bookkeeping.
         self._processor = OutputProcessor(self.tokenizer)
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._submit_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = False
         self._tracks: dict[str, _Track] = {}
         self._streams: dict[str, RequestStream] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Engine-thread side.
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._submit_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
         self._thread: threading.Thread | None = None
         self._heartbeat = time.monotonic()
-        self._in_step_since: float | None = None
+        self._num_steps = 0
+        self._stats = self._snapshot()
         self.dead_error: BaseException | None = None
         self.draining = False
-        self.stats = self._snapshot(0)
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -228,6 +267,11 @@ class AsyncEngine:
 
     def heartbeat_age(self) -> float:
         return time.monotonic() - self._heartbeat
+
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's latest snapshot, with the number of requests in flight here."""
+        return dataclasses.replace(self._stats, num_requests=len(self._tracks))
 
     @property
     def num_in_flight(self) -> int:
@@ -271,28 +315,47 @@ class AsyncEngine:
                 f"{reqs[0].max_tokens} output) but the whole cache holds {self.num_blocks * self.block_size}"
             )
         stream = RequestStream(self, request_id, len(prompt_token_ids))
-        track = _Track(stream, reqs, arrival, num_emitted=[0] * params.n, done=[False] * params.n,
-                       last_token_time=[None] * params.n)
-        admitted: asyncio.Future = self._loop.create_future()
+        self._processor.add_request(request_id, prompt, list(prompt_token_ids), params)
+        track = _Track(stream, reqs, arrival, parent=self._processor.parents[request_id],
+                       num_emitted=[0] * params.n, done=[False] * params.n, last_token_time=[None] * params.n)
+        self._tracks[request_id] = track
         self._streams[request_id] = stream
         self._idle.clear()
+        admitted: asyncio.Future = self._loop.create_future()
         try:
-            self._submit(("add", request_id, prompt, list(prompt_token_ids), params, track, admitted))
+            self._submit(("add", reqs, admitted))
             await admitted
         except BaseException:
             stream.finished = True
+            self._drop(request_id, abort_in_engine=not admitted.done() or admitted.cancelled())
             self._forget(stream)
-            if not admitted.done() or admitted.cancelled():
-                self._submit(("abort", request_id), quiet=True)
             raise
         return stream
 
     def abort(self, request_id: str) -> None:
-        self._submit(("abort", request_id), quiet=True)
+        """Abort a request (frees its KV blocks at the engine's next iteration)."""
+        self._drop(request_id, abort_in_engine=True, reason="abort")
 
     def abort_all(self) -> None:
         """Finish every in-flight request now with finish_reason ``abort`` (end of a drain timeout)."""
-        self._submit(("abort_all",), quiet=True)
+        for rid in list(self._tracks):
+            track = self._tracks[rid]
+            unfinished = [i for i, d in enumerate(track.done) if not d]
+            self._drop(rid, abort_in_engine=True, reason="abort")
+            with_lp = track.parent.params.logprobs is not None
+            choices = [ChoiceDelta(i, "", [], [] if with_lp else None, "abort") for i in unfinished]
+            track.stream._put(RequestChunk(rid, choices, True, len(track.reqs[0].prompt_token_ids)))
+
+    def _drop(self, request_id: str, abort_in_engine: bool, reason: str | None = None) -> None:
+        child_ids = self._processor.abort(request_id)
+        track = self._tracks.pop(request_id, None)
+        if abort_in_engine and child_ids:
+            self._submit(("abort", child_ids), quiet=True)
+        if track is not None and reason is not None:
+            reasons = [c.finish_reason if track.done[c.index] else reason for c in track.parent.children.values()]
+            gen_tokens = sum(track.num_emitted)
+            self.listener.on_finish(reasons, None, len(track.reqs[0].prompt_token_ids), gen_tokens)
+            logger.info("request aborted after %d generated tokens", gen_tokens, extra={"request_id": request_id})
 
     def _submit(self, cmd: tuple, quiet: bool = False) -> None:
         with self._submit_lock:
@@ -309,11 +372,14 @@ class AsyncEngine:
         if not self._streams:
             self._idle.set()
 
-    def _deliver(self, batch: list[tuple[RequestStream, Any]]) -> None:
-        for stream, item in batch:
-            stream._queue.put_nowait(item)
+    def _post(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
 
-    def _resolve(self, fut: asyncio.Future, exc: BaseException | None) -> None:
+    @staticmethod
+    def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
         if fut.done():
             return
         if exc is None:
@@ -321,126 +387,26 @@ class AsyncEngine:
         else:
             fut.set_exception(exc)
 
-    def _post(self, fn, *args) -> None:
+    # ----------------------------------------------------------------------------- outputs (event loop)
+    def _on_updates(self, updates: list) -> None:
+        """One step's updates: detokenize, cut at stop strings, hand each stream its chunk."""
         try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
-
-    # ----------------------------------------------------------------------------- engine thread
-    def _run_loop(self) -> None:
-        try:
-            while not self._stop:
-                self._heartbeat = time.monotonic()
-                self._wake.clear()
-                self._run_commands()
-                if self.core.has_unfinished():
-                    self._run_step()
-                    if not self.core.has_unfinished():
-                        self.core.step()  # let the runner drop the state of the requests that just ended
-                else:
-                    self.stats = self._snapshot(self.stats.num_steps)
-                    self._wake.wait(self.idle_heartbeat_s)
-            err = EngineDeadError("the engine was shut down")
-        except BaseException as e:  # noqa: BLE001 - any failure kills the loop; requests must hear of it
-            logger.exception("engine loop died")
-            err = EngineDeadError(f"the engine loop has died: {e!r}")
-            err.__cause__ = e
-            self.dead_error = e
-        self._fail_everything(err)
-
-    def _fail_everything(self, err: EngineDeadError) -> None:
-        with self._submit_lock:
-            self._stop = True
-            pending = []
-            while True:
-                try:
-                    pending.append(self._commands.get_nowait())
-                except queue.Empty:
-                    break
-        batch = [(t.stream, err) for t in self._tracks.values()]
-        self._tracks.clear()
-        for cmd in pending:
-            if cmd[0] == "add":
-                self._post(self._resolve, cmd[-1], err)
-        if batch:
-            self._post(self._deliver, batch)
-
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if cmd[0] == "add":
-                self._admit(*cmd[1:])
-            elif cmd[0] == "abort":
-                self._abort(cmd[1])
-            elif cmd[0] == "abort_all":
-                for rid in list(self._tracks):
-                    self._abort(rid, notify=True)
-
-    def _admit(self, request_id, prompt, prompt_ids, params, track: _Track, admitted) -> None:
-        sched = self.core.scheduler
-        limit = self.max_waiting_requests
-        if limit and sched.num_waiting > 0 and sched.num_waiting + len(track.reqs) > limit:
-            self._post(self._resolve, admitted, QueueFullError(
-                f"the waiting queue is full ({sched.num_waiting} waiting, limit {limit}); retry later"
-            ))
-            return
-        try:
-            self._processor.add_request(request_id, prompt, prompt_ids, params)
-            track.parent = self._processor.parents[request_id]
-            for req in track.reqs:
-                self.core.add_request(req)
-        except ValueError as e:
-            self._abort(request_id)
-            self._post(self._resolve, admitted, e)
-            return
-        self._tracks[request_id] = track
-        self._post(self._resolve, admitted, None)
-
-    def _abort(self, request_id: str, notify: bool = False) -> None:
-        child_ids = self._processor.abort(request_id)
-        if child_ids:
-            self.core.abort_requests(child_ids)
-        track = self._tracks.pop(request_id, None)
-        if track is None:
-            return
-        unfinished = [i for i, d in enumerate(track.done) if not d]
-        gen_tokens = sum(track.num_emitted)
-        reasons = [c.finish_reason if track.done[c.index] else "abort" for c in track.parent.children.values()]
-        self.listener.on_finish(reasons, None, len(track.reqs[0].prompt_token_ids), gen_tokens)
-        if notify:
-            choices = [ChoiceDelta(i, "", [], [] if track.parent.params.logprobs is not None else None, "abort")
-                       for i in unfinished]
-            chunk = RequestChunk(request_id, choices, True, len(track.reqs[0].prompt_token_ids))
-            self._post(self._deliver, [(track.stream, chunk)])
-        logger.info("request aborted after %d generated tokens", gen_tokens, extra={"request_id": request_id})
-
-    def _run_step(self) -> None:
-        t0 = time.monotonic()
-        updates = self.core.step()
-        outputs, to_stop = self._processor.process(updates)
-        if to_stop:
-            self.core.finish_requests(to_stop)
-        now = time.monotonic()
-        batch = []
-        for out in outputs:
-            track = self._tracks.get(out.request_id)
-            if track is None:
-                continue
-            chunk = self._make_chunk(track, out, now)
-            if chunk is not None:
-                batch.append((track.stream, chunk))
-            if out.finished:
-                del self._tracks[out.request_id]
-        self.listener.on_step(now - t0)
-        self.stats = self._snapshot(self.stats.num_steps + 1)
-        if batch:
-            self._post(self._deliver, batch)
-        if self.step_delay_s:
-            time.sleep(self.step_delay_s)
+            outputs, to_stop = self._processor.process(updates)
+            if to_stop:
+                self._submit(("finish", to_stop), quiet=True)
+            now = time.monotonic()
+            for out in outputs:
+                track = self._tracks.get(out.request_id)
+                if track is None:
+                    continue
+                chunk = self._make_chunk(track, out, now)
+                if chunk is not None:
+                    track.stream._put(chunk)
+                if out.finished:
+                    del self._tracks[out.request_id]
+        except Exception as e:  # noqa: BLE001 - a bug here must fail requests, not hang them
+            logger.exception("processing the engine's outputs failed")
+            self._engine_died(e)
 
     def _make_chunk(self, track: _Track, out, now: float) -> RequestChunk | None:
         choices = []
@@ -478,7 +444,95 @@ class AsyncEngine:
             return None
         return RequestChunk(out.request_id, choices, out.finished, len(out.prompt_token_ids), out.num_cached_tokens)
 
-    def _snapshot(self, num_steps: int) -> EngineStats:
+    def _engine_died(self, err: BaseException, shutdown: bool = False) -> None:
+        """On the event loop: every open request and pending admission fails with ``EngineDeadError``."""
+        if self.dead_error is None and not shutdown:
+            self.dead_error = err
+        dead = err if isinstance(err, EngineDeadError) else EngineDeadError(f"the engine loop has died: {err!r}")
+        if dead is not err:
+            dead.__cause__ = err
+        with self._submit_lock:
+            self._stop = True
+            self._wake.set()
+            pending = []
+            while True:
+                try:
+                    pending.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+        for cmd in pending:
+            if cmd[0] == "add":
+                self._resolve(cmd[-1], dead)
+        for rid, track in list(self._tracks.items()):
+            self._processor.abort(rid)
+            track.stream._put(dead)
+        self._tracks.clear()
+
+    # ----------------------------------------------------------------------------- engine thread
+    def _run_loop(self) -> None:
+        try:
+            while not self._stop:
+                self._heartbeat = time.monotonic()
+                self._wake.clear()
+                self._run_commands()
+                if self.core.has_unfinished():
+                    self._run_step()
+                    if not self.core.has_unfinished():
+                        self.core.step()  # let the runner drop the state of the requests that just ended
+                else:
+                    self._stats = self._snapshot()
+                    self._wake.wait(self.idle_heartbeat_s)
+            err: BaseException = EngineDeadError("the engine was shut down")
+            shutdown = True
+        except BaseException as e:  # noqa: BLE001 - any failure kills the loop; requests must hear of it
+            logger.exception("engine loop died")
+            self.dead_error = err = e
+            shutdown = False
+        self._post(self._engine_died, err, shutdown)
+
+    def _run_commands(self) -> None:
+        core = self.core
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                self._admit(cmd[1], cmd[2])
+            elif cmd[0] == "abort":
+                core.abort_requests(cmd[1])
+            elif cmd[0] == "finish":
+                core.finish_requests(cmd[1])
+
+    def _admit(self, reqs: list[Request], admitted: asyncio.Future) -> None:
+        sched = self.core.scheduler
+        limit = self.max_waiting_requests
+        if limit and sched.num_waiting > 0 and sched.num_waiting + len(reqs) > limit:
+            self._post(self._resolve, admitted, QueueFullError(
+                f"the waiting queue is full ({sched.num_waiting} waiting, limit {limit}); retry later"
+            ))
+            return
+        try:
+            for req in reqs:
+                self.core.add_request(req)
+        except ValueError as e:
+            self.core.abort_requests([r.request_id for r in reqs])
+            self._post(self._resolve, admitted, e)
+            return
+        self._post(self._resolve, admitted, None)
+
+    def _run_step(self) -> None:
+        t0 = time.monotonic()
+        updates = self.core.step()
+        self._num_steps += 1
+        self.listener.on_step(time.monotonic() - t0)
+        self._stats = self._snapshot()
+        if updates:
+            self._post(self._on_updates, updates)
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+
+    def _snapshot(self) -> EngineStats:
         sched, kv = self.core.scheduler, self.core.kv
         return EngineStats(
             num_running=sched.num_running,
@@ -489,6 +543,5 @@ class AsyncEngine:
             prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions=sched.num_preemptions,
-            num_requests=len(self._tracks),
-            num_steps=num_steps,
+            num_steps=self._num_steps,
         )

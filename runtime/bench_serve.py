@@ -131,7 +131,9 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, req: BenchR
                 if obj.get("usage"):
                     res.output_len = obj["usage"]["completion_tokens"]
                     res.prompt_len = obj["usage"]["prompt_tokens"]
-                if any(c.get("text") for c in obj.get("choices", [])):
+                # Every chunk with choices carries at least one new token (its text may be empty: a
+                # token that completes no character, or one held back as a possible stop-string prefix).
+                if obj.get("choices"):
                     if last is None:
                         res.ttft = now - t0
                     else:

@@ -140,6 +140,9 @@ def _serve(args: argparse.Namespace) -> int:
     from pagedserve.runtime.server import run_server
 
     setup_logging(args.log_level, args.log_json)
+    # The engine thread and the event loop share the GIL; a short switch interval keeps the engine thread
+    # from waiting up to 5 ms for it each time it comes back from the GPU while the loop writes responses.
+    sys.setswitchinterval(0.0005)
     if args.speculative_config:
         logging.getLogger("pagedserve.server").warning(
             "--speculative-config is passed to the engine, which does not implement speculative decoding yet")
