@@ -133,8 +133,13 @@ class IncrementalDetokenizer:
         table = self.table
         if table is not None:
             n = len(table)
-            data = b"".join(table[t] if 0 <= t < n else b"" for t in token_ids)
-            self.text += self.utf8.decode(data)
+            if len(token_ids) == 1:
+                t = token_ids[0]
+                data = table[t] if 0 <= t < n else b""
+            else:
+                data = b"".join(table[t] if 0 <= t < n else b"" for t in token_ids)
+            if data:
+                self.text += self.utf8.decode(data)
         else:
             full = self.decoder.tokenizer.decode(self.output_ids, skip_special_tokens=self.skip_special)
             # Emit only up to the last complete character; the tail may be a partial multi-byte one.

@@ -104,8 +104,10 @@ class OutputProcessor:
             child = parent.children[upd.req_id]
             if child.finish_reason is not None:
                 continue
-            touched[parent.request_id] = parent
-            parent.num_cached_tokens = max(parent.num_cached_tokens, upd.num_cached_tokens)
+            if not finished_only:
+                touched[parent.request_id] = parent
+            if upd.num_cached_tokens > parent.num_cached_tokens:
+                parent.num_cached_tokens = upd.num_cached_tokens
             if upd.prompt_logprobs and parent.prompt_logprobs is not None and child.index == 0:
                 self._add_prompt_logprobs(parent, upd.prompt_logprobs)
             if not upd.new_token_ids:
@@ -132,6 +134,7 @@ class OutputProcessor:
             if child.finish_reason is not None:
                 child.detok.flush()
                 parent.num_finished += 1
+                touched[parent.request_id] = parent
         outputs = [
             self._make_output(p) for p in touched.values()
             if not finished_only or p.num_finished == len(p.children)

@@ -50,7 +50,7 @@ class SchedulerOutput:
         return self.total_num_scheduled_tokens == 0
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestUpdate:
     """What one step produced for one request."""
 
@@ -184,22 +184,35 @@ class Scheduler:
         block_size = kv.block_size
         req_to_blocks = kv.req_to_blocks
         running = self.running
+        # Decode fast path, inlined: this loop runs once per running request per step.
+        add_id, add_n, add_start = out.req_ids.append, out.num_scheduled_tokens.append, out.num_computed_tokens.append
+        add_tokens, add_blocks, add_sample = out.token_ids.append, out.new_block_ids.append, out.do_sample.append
+        num_fast = 0
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            num_new = req.num_tokens - req.num_computed_tokens
+            start = req.num_computed_tokens
+            tokens = req.all_token_ids
+            num_new = len(tokens) - start
+            if num_new == 1:
+                end = start + 1
+                if end % block_size and end <= block_size * len(req_to_blocks[req.request_id]):
+                    # The token fits in the last block, which does not fill up: no allocation.
+                    add_id(req.request_id)
+                    add_n(1)
+                    add_start(start)
+                    add_tokens(tokens[start:])
+                    add_blocks([])
+                    add_sample(True)
+                    num_fast += 1
+                    budget -= 1
+                    i += 1
+                    continue
             if long_cap and num_new > long_cap:
                 num_new = long_cap
             if num_new > budget:
                 num_new = budget
             if num_new <= 0:
-                i += 1
-                continue
-            end = req.num_computed_tokens + num_new
-            if num_new == 1 and end % block_size and end <= block_size * len(req_to_blocks[req.request_id]):
-                # Decode fast path: the token fits in the last block, which does not fill up.
-                self._add_to_output(out, req, 1, [])
-                budget -= 1
                 i += 1
                 continue
             new_ids = kv.allocate_slots(req, num_new)
@@ -222,6 +235,8 @@ class Scheduler:
             scheduled.append(req)
             budget -= num_new
             i += 1
+
+        out.total_num_scheduled_tokens += num_fast
 
         # 2. Waiting requests, while budget, sequence slots and blocks last (not in a step that preempted).
         if not preempted:
@@ -312,7 +327,7 @@ class Scheduler:
             num_out = len(req.all_token_ids) - len(req.prompt_token_ids)
             params = req.sampling_params
             finish = None
-            if num_out >= params.min_tokens:
+            if num_out >= params.min_tokens and (req.eos_token_ids or params.stop_token_ids):
                 if not params.ignore_eos and token in req.eos_token_ids:
                     finish = RequestStatus.FINISHED_STOPPED
                 elif token in params.stop_token_ids:
@@ -323,9 +338,11 @@ class Scheduler:
             upd = RequestUpdate(
                 rid,
                 [token],
-                logprobs=[logprobs[i]] if logprobs is not None and logprobs[i] is not None else None,
-                prompt_logprobs=plp,
-                num_cached_tokens=max(req.num_cached_tokens, 0),
+                None,
+                None,
+                [logprobs[i]] if logprobs is not None and logprobs[i] is not None else None,
+                plp,
+                req.num_cached_tokens if req.num_cached_tokens > 0 else 0,
             )
             if finish is not None:
                 req.status = finish
