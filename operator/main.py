@@ -16,7 +16,33 @@ import kopf
 
 from pagedserve.operator import handlers, metrics
 
-SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+SERVICE_ACCOUNT_TOKEN = f"{SERVICE_ACCOUNT_DIR}/token"
+
+
+def in_cluster_connection() -> kopf.ConnectionInfo | None:
+    """The API server as client-go's in-cluster config finds it: $KUBERNETES_SERVICE_HOST and _PORT.
+
+    kopf's own service-account login assumes https://kubernetes.default.svc, which needs cluster DNS;
+    the variables are set in every pod, DNS or not. None outside a pod (then kopf's logins apply).
+    """
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    if not host or not os.path.exists(SERVICE_ACCOUNT_TOKEN):
+        return None
+    with open(SERVICE_ACCOUNT_TOKEN) as f:
+        token = f.read().strip()
+    namespace = None
+    if os.path.exists(f"{SERVICE_ACCOUNT_DIR}/namespace"):
+        with open(f"{SERVICE_ACCOUNT_DIR}/namespace") as f:
+            namespace = f.read().strip() or None
+    ca_path = f"{SERVICE_ACCOUNT_DIR}/ca.crt"
+    server_host = f"[{host}]" if ":" in host else host  # IPv6 literal
+    return kopf.ConnectionInfo(
+        server=f"https://{server_host}:{port}",
+        ca_path=ca_path if os.path.exists(ca_path) else None,
+        token=token or None,
+        default_namespace=namespace,
+    )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,6 +75,7 @@ async def run(args: argparse.Namespace) -> None:
     config = handlers.OperatorConfig(
         resync_seconds=args.resync_seconds,
         token_path=SERVICE_ACCOUNT_TOKEN if os.path.exists(SERVICE_ACCOUNT_TOKEN) else None,
+        connection=in_cluster_connection(),
         prometheus_url=args.prometheus_url,
     )
     runner = await metrics.start_server(args.host, args.metrics_port) if args.metrics_port else None

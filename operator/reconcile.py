@@ -75,7 +75,9 @@ async def apply_child(kube: Kube, want: dict[str, Any], have: dict[str, Any] | N
         except Conflict:  # created meanwhile (another writer, or our cache was stale): compare with it
             have = await kube.get_or_none(object_path(want))
     stray = stray_keys_patch(want, have) if have is not None else None
-    if have is not None and is_subset(want, have) and stray is None:
+    # Items of a list response carry no apiVersion/kind (the real API server's, unlike a mock's).
+    fields = {k: v for k, v in want.items() if k not in ("apiVersion", "kind")}
+    if have is not None and is_subset(fields, have) and stray is None:
         return
     if stray is not None:
         await kube.merge_patch(want, stray)

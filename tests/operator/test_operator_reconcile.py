@@ -239,3 +239,21 @@ async def test_deleting_the_llmdeployment_releases_it(cluster: Cluster, operator
     assert cluster.get(LLMD, "smollm2")["metadata"]["finalizers"] == ["pagedserve.io/operator"]
     await cluster.delete(LLMD, "smollm2")
     await eventually(lambda: cluster.server.objects[LLMD, NS, "smollm2"].deleted, timeout=3)
+
+
+async def test_a_child_read_from_a_list_counts_as_up_to_date() -> None:
+    """The real API server leaves apiVersion/kind out of list items; that alone must not cause a write."""
+    from pagedserve.operator.reconcile import Result, apply_child
+
+    class NoWrites:
+        async def apply(self, obj: dict) -> dict:
+            raise AssertionError(f"wrote {obj['metadata']['name']} although it was up to date")
+
+        merge_patch = create = apply
+
+    want = builders.build_deployment("smollm2", NS, LLMDeploymentSpec.model_validate(
+        load_yaml("examples/smollm2.yaml")["spec"]), tp=1, replicas=1)
+    as_listed = {k: v for k, v in want.items() if k not in ("apiVersion", "kind")} | {"status": {}}
+    result = Result()
+    await apply_child(NoWrites(), want, as_listed, result)
+    assert result.writes == []

