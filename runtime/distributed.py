@@ -123,6 +123,7 @@ class _Rank0Thread:
                 fut.set_result(fn(*args))
             except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
                 fut.set_exception(e)
+            del job, fut, fn, args  # a finished job must not keep its runner alive until the next one
 
     def submit(self, fn, *args) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -208,6 +209,10 @@ class TensorParallelRunner:
         if device.type == "cuda":
             for key, value in NO_MULTICAST_ENV.items():
                 os.environ.setdefault(key, value)  # inherited by the workers, read by rank 0's NCCL
+            # When a collective times out, NCCL's watchdog aborts the communicators but leaves the process
+            # alive (2 = CleanUpOnly): the engine has already reported itself dead, and an offline LLM user's
+            # Python process should not be killed under them.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         self.dead_reason: str | None = None
         self._closed = False
         # Port 0: the OS picks a free port for the rendezvous store; the workers are told which.
