@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The whole product on one machine: local cluster, operator chart, examples/smollm2.yaml, a chat through
+# its Service (e2e/demo.py). The engine alone, without a cluster: $(VPY) -m pagedserve.runtime.demo
 demo: $(STAMP)
-	$(VPY) -m pagedserve.runtime.demo
+	$(VPY) -m e2e.demo
 
 lint: $(STAMP)
 	$(VPY) -m ruff check .
