@@ -236,11 +236,14 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the engine thread; open streams raise ``EngineDeadError``."""
+        """Stop the engine thread and the engine's worker processes; open streams raise ``EngineDeadError``."""
         self._stop = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        release = getattr(self.core, "shutdown", None)
+        if release is not None:
+            release()
 
     def start_drain(self) -> None:
         """Refuse new requests from now on (``DrainingError``); running ones continue."""
@@ -481,6 +484,9 @@ class AsyncEngine:
                         self.core.step()  # let the runner drop the state of the requests that just ended
                 else:
                     self._stats = self._snapshot()
+                    check_health = getattr(self.core, "check_health", None)
+                    if check_health is not None:
+                        check_health()  # a dead tensor-parallel worker shows here even with no step to run
                     self._wake.wait(self.idle_heartbeat_s)
             err: BaseException = EngineDeadError("the engine was shut down")
             shutdown = True

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import threading
 import time
 
 import aiohttp
 import pytest
+import tiny_models
 from server_harness import API_KEY, InProcessServer, SubprocessServer, make_core
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -223,3 +226,25 @@ def test_shutdown_timeout_aborts_what_is_left(tiny, one_thread):
 def test_probes_answer_json(api_server, path):
     status, body = api_server.get(path)
     assert status == 200 and isinstance(body, dict)
+
+
+def test_tensor_parallel_server_serves_and_a_dead_worker_fails_health_while_idle(tiny, one_thread):
+    _, model, tok = tiny
+    server = InProcessServer(tiny[0], core=make_core(tiny[0], tensor_parallel_size=2)).start()
+    pids = server.core.runner.worker_pids()
+    try:
+        ids = tok("The capital of France is")["input_ids"]
+        status, body = server.post("/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 8,
+                                                       "temperature": 0, "ignore_eos": True})
+        expected = tok.decode(tiny_models.hf_greedy(model, ids, 8), skip_special_tokens=True)
+        assert status == 200 and body["choices"][0]["text"] == expected
+        os.kill(pids[0], signal.SIGKILL)
+        status, health = server.wait_until(lambda: (r := server.get("/health"))[0] == 503 and r, 15, "/health 503")
+        assert "tensor-parallel" in health["reason"]
+        status, body = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert status == 503 and body["error"]["code"] == "engine_dead"
+    finally:
+        assert server.stop() == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
