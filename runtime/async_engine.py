@@ -1,14 +1,15 @@
 """AsyncEngine: the asyncio front of the synchronous ``EngineCore``.
 
-The engine loop runs in one dedicated thread: it takes commands (add, abort) from a thread-safe queue,
-calls ``EngineCore.step()``, turns the updates into per-request deltas with the ``OutputProcessor``, and
-hands them to the event loop with ``call_soon_threadsafe``. The event loop never runs model code, and the
-engine objects (scheduler, KV manager, output processor) are only ever touched by the engine thread.
+The engine loop runs in one dedicated thread that owns the engine (scheduler, KV manager, runner): it takes
+commands (add, abort, finish) from a thread-safe queue and calls ``EngineCore.step()``. Each step's token
+updates go to the event loop, which detokenizes them with the ``OutputProcessor`` (stop strings, logprobs)
+and feeds the per-request streams, so that work overlaps the engine's next step. The event loop never runs
+model code.
 
 Every request gets a ``RequestStream``: an async iterator of ``RequestChunk`` (new text, token ids and
 logprobs per choice since the last chunk). Closing a stream before it finished aborts the request, which
-frees its KV blocks at once. If the engine loop dies, every open stream raises ``EngineDeadError`` and
-``liveness()`` turns false; if it stops making progress, ``liveness()`` turns false too.
+frees its KV blocks at the engine's next iteration. If the engine loop dies, every open stream raises
+``EngineDeadError`` and ``liveness()`` turns false; if it stops making progress, ``liveness()`` turns false too.
 """
 
 from __future__ import annotations
