@@ -6,9 +6,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from pagedserve.runtime.async_engine import ChoiceDelta
 from pagedserve.runtime.detokenizer import TokenDecoder
 from pagedserve.runtime.outputs import Logprob
+from pagedserve.runtime.request_stream import ChoiceDelta
 
 SSE_DONE = b"data: [DONE]\n\n"
 

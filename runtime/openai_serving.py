@@ -10,14 +10,7 @@ import uuid
 
 from aiohttp import web
 
-from pagedserve.runtime.async_engine import (
-    AsyncEngine,
-    DrainingError,
-    EngineDeadError,
-    QueueFullError,
-    RequestChunk,
-    RequestStream,
-)
+from pagedserve.runtime.async_engine import AsyncEngine, DrainingError, EngineDeadError, QueueFullError
 from pagedserve.runtime.openai_format import (
     SSE_DONE,
     ChoiceAccumulator,
@@ -39,6 +32,7 @@ from pagedserve.runtime.openai_protocol import (
     parse_json_object,
     parse_tokenize_request,
 )
+from pagedserve.runtime.request_stream import RequestChunk, RequestStream
 from pagedserve.runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve.server")

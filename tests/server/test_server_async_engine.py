@@ -6,14 +6,9 @@ import asyncio
 
 import pytest
 
-from pagedserve.runtime.async_engine import (
-    ChoiceDelta,
-    EngineDeadError,
-    RequestChunk,
-    RequestStream,
-    merge_chunks,
-)
+from pagedserve.runtime.async_engine import EngineDeadError
 from pagedserve.runtime.outputs import Logprob
+from pagedserve.runtime.request_stream import ChoiceDelta, RequestChunk, RequestStream, merge_chunks
 
 
 class _FakeEngine:
