@@ -141,8 +141,7 @@ class KVCacheManager:
                 break
             hits.append(block)
             parent = block.cache_id
-        self.prefix_cache_queries += len(tokens)
-        self.prefix_cache_hits += len(hits) * bs
+        # Statistics are counted by the caller once the request is admitted, not per look-up.
         return hits, len(hits) * bs
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
@@ -235,6 +234,21 @@ class KVCacheManager:
         if not blocks:
             return
         self._release(reversed(blocks))
+
+    def trim(self, request: Request, num_tokens: int) -> int | None:
+        """Give back the blocks of ``request`` beyond those its first ``num_tokens`` tokens need (the slots of
+        rejected speculative tokens). Returns how many blocks it keeps, or None when nothing was freed.
+
+        The freed blocks are never in the prefix cache: blocks are cached only up to the request's verified
+        tokens, which all lie below ``num_tokens``."""
+        blocks = self.req_to_blocks.get(request.request_id)
+        keep = -(-num_tokens // self.block_size)
+        if not blocks or len(blocks) <= keep:
+            return None
+        extra = blocks[keep:]
+        del blocks[keep:]
+        self._release(reversed(extra))
+        return keep
 
     def _release(self, blocks: Iterable[KVCacheBlock]) -> None:
         append = self.free_queue.append
