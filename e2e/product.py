@@ -96,10 +96,14 @@ def chat(base_url: str, model: str, question: str, max_tokens: int = 32, timeout
     """One greedy chat completion with the OpenAI client."""
     import openai
 
+    # A client (so a connection) per call: a Service connection stays with one pod for its lifetime.
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=timeout_s, max_retries=0)
-    reply = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], temperature=0.0, max_tokens=max_tokens,
-    )
+    try:
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], temperature=0.0, max_tokens=max_tokens,
+        )
+    finally:
+        client.close()
     return reply.choices[0].message.content or ""
 
 

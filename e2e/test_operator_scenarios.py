@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 
 import pytest
@@ -139,6 +141,82 @@ def test_scenario2_invalid_manifests_are_rejected_by_the_api_server_naming_the_f
     # The example itself is accepted by the same server.
     cluster.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-",
                     input=json.dumps(product.smollm2_manifest(NAME)))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- scenario 3
+
+
+def test_scenario3_kubectl_scale_llmd_through_the_scale_subresource(cluster: Cluster, served: str) -> None:
+    product.wait_phase(cluster, served, NAME, "Ready", ready_replicas=1)
+    scale_path = f"/apis/pagedserve.io/v1alpha1/namespaces/{served}/llmdeployments/{NAME}/scale"
+    cluster.kubectl("scale", "llmd", NAME, "-n", served, "--replicas=2")
+    product.wait_phase(cluster, served, NAME, "Ready", ready_replicas=2, timeout_s=180)
+    assert len([p for p in runtime_pods(cluster, served) if p in cluster.ready_pods(served, SELECTOR)]) == 2
+    scale = json.loads(cluster.kubectl("get", "--raw", scale_path).stdout)
+    assert (scale["spec"]["replicas"], scale["status"]["replicas"]) == (2, 2)
+
+    cluster.kubectl("scale", "llmd", NAME, "-n", served, "--replicas=1")
+    product.wait_phase(cluster, served, NAME, "Ready", ready_replicas=1)
+    wait_for(lambda: len(runtime_pods(cluster, served)) == 1, 90, "one runtime pod left")
+
+
+# ---------------------------------------------------------------------------------------------- scenario 6
+
+
+def test_scenario6_killed_runtime_process_degrades_then_recovers(cluster: Cluster, served: str) -> None:
+    product.wait_phase(cluster, served, NAME, "Ready", ready_replicas=1)
+    (pod,) = runtime_pods(cluster, served)
+    pid = container_pid(pod)
+    os.kill(pid, signal.SIGKILL)
+
+    degraded = product.wait_phase(cluster, served, NAME, "Degraded", timeout_s=60)
+    assert product.condition(degraded, "Degraded")["status"] == "True"
+    assert product.condition(degraded, "Ready")["status"] == "False"
+    recovered = product.wait_phase(cluster, served, NAME, "Ready", ready_replicas=1, timeout_s=180)
+    assert product.condition(recovered, "Degraded")["status"] == "False"
+    (again,) = runtime_pods(cluster, served)
+    assert container_pid(again) != pid
+    assert again["status"]["containerStatuses"][0]["restartCount"] >= 1
+    assert product.chat(cluster.service_url(served, NAME), MODEL, QUESTION)
+
+
+# ---------------------------------------------------------------------------------------------- scenario 4
+
+
+def test_scenario4_args_change_rolls_pods_with_zero_failed_requests(cluster: Cluster, served: str) -> None:
+    product.wait_phase(cluster, served, NAME, "Ready", ready_replicas=1)
+    old_pods = {p["metadata"]["name"] for p in runtime_pods(cluster, served)}
+    url = cluster.service_url(served, NAME)
+    product.wait_serving(url, MODEL)
+    results: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        deadline = time.monotonic() + 240  # bounded, whatever happens to the test
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                results.append("ok" if product.chat(url, MODEL, QUESTION, max_tokens=4) else "empty")
+            except Exception as err:
+                results.append(f"error {type(err).__name__}: {err}")
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        time.sleep(2)
+        cluster.kubectl("patch", "llmd", NAME, "-n", served, "--type=merge",
+                        "-p", json.dumps({"spec": {"args": ["--engine-hang-timeout", "120"]}}))
+        product.wait_phase(cluster, served, NAME, "Ready", ready_replicas=1, timeout_s=180)
+        wait_for(lambda: not ({p["metadata"]["name"] for p in cluster.pods(served, SELECTOR)} & old_pods), 90,
+                 "the old pod to be gone")  # fmt: skip
+        time.sleep(2)
+    finally:
+        stop.set()
+        worker.join()
+    (pod,) = runtime_pods(cluster, served)
+    assert pod["spec"]["containers"][0]["args"][-2:] == ["--engine-hang-timeout", "120"]
+    failures = [r for r in results if r != "ok"]
+    assert len(results) >= 5 and not failures, f"{len(failures)} of {len(results)} failed: {failures[:3]}"
+    print(f"\nscenario 4: {len(results)} requests during the rollout, none failed")
 
 
 # ---------------------------------------------------------------------------------------------- scenario 8
