@@ -74,7 +74,9 @@ async def test_queries_against_real_prometheus(tmp_path: pathlib.Path) -> None:
             for _ in range(150):
                 try:
                     m = await client.pod_metrics("team-a", "llama", 1)
-                    if m.pods_reporting == 2:
+                    other = await client.pod_metrics("team-a", "llama", 2)
+                    # Wait until every target has been scraped at least once (they are scraped independently).
+                    if m.pods_reporting == 2 and other.pods_reporting == 1:
                         break
                 except Exception:
                     pass
@@ -82,7 +84,6 @@ async def test_queries_against_real_prometheus(tmp_path: pathlib.Path) -> None:
             assert (m.waiting, m.running, m.pods_reporting) == (8, 22, 2)
             assert m.kv_cache_usage == pytest.approx(0.6)
             assert 0 <= m.query_time - m.sample_time < 5
-            other = await client.pod_metrics("team-a", "llama", 2)
             assert (other.waiting, other.pods_reporting) == (100, 1)
     finally:
         proc.terminate()
