@@ -43,6 +43,8 @@ def served(cluster: Cluster, operator) -> str:
     wait_for(lambda: cluster.core.read_namespaced_service_account("default", namespace), 30, "default SA")
     product.apply(cluster, namespace, product.smollm2_manifest(NAME))
     yield namespace
+    # While the operator still runs: it removes its finalizer, so the namespace can go.
+    cluster.kubectl("delete", "llmd", "--all", "-n", namespace, "--timeout=60s", check=False)
     cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
