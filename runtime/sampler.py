@@ -15,15 +15,27 @@ import torch
 from pagedserve.runtime.sampling_params import SamplingParams
 
 
-@dataclass
 class SamplingRow:
     """What the sampler needs of one request for one step."""
 
-    params: SamplingParams
-    generator: torch.Generator | None
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    suppressed_token_ids: list[int]  # EOS/stop ids while min_tokens is not reached
+    __slots__ = ("params", "generator", "prompt_token_ids", "output_token_ids", "suppressed_token_ids",
+                 "process")
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        prompt_token_ids: list[int],
+        output_token_ids: list[int],
+        suppressed_token_ids: list[int],  # EOS/stop ids while min_tokens is not reached
+    ) -> None:
+        self.params = params
+        self.generator = generator
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids = output_token_ids
+        self.suppressed_token_ids = suppressed_token_ids
+        # Whether the logits of this row need any processing before sampling (most rows need none).
+        self.process = bool(suppressed_token_ids) or params.needs_logit_processing
 
 
 @dataclass
@@ -76,10 +88,9 @@ class Sampler:
     # ----------------------------------------------------------------------------- processors
     def _apply_logit_processors(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         cloned = False
-        for i, row in enumerate(rows):
+        for i in [i for i, row in enumerate(rows) if row.process]:
+            row = rows[i]
             p = row.params
-            if not (p.logit_bias or row.suppressed_token_ids or p.needs_penalties):
-                continue
             if not cloned:
                 logits = logits.clone()
                 cloned = True

@@ -42,6 +42,8 @@ class SamplingParams:
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         self._validate()
+        # Read on every step by the sampler; params are not mutated after construction (clone() re-derives it).
+        self.needs_logit_processing = bool(self.logit_bias) or self.needs_penalties
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
