@@ -97,7 +97,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
     eng.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     eng.add_argument("--speculative-config", type=_json_object, default=None,
-                     help="speculative decoding settings as JSON (accepted and passed to the engine)")
+                     help='speculative decoding as JSON, as vLLM takes it: {"method": "ngram", '
+                          '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}')
 
 
 def server_config_from_args(args: argparse.Namespace):
@@ -143,9 +144,6 @@ def _serve(args: argparse.Namespace) -> int:
     # The engine thread and the event loop share the GIL; a short switch interval keeps the engine thread
     # from waiting up to 5 ms for it each time it comes back from the GPU while the loop writes responses.
     sys.setswitchinterval(0.0005)
-    if args.speculative_config:
-        logging.getLogger("pagedserve.server").warning(
-            "--speculative-config is passed to the engine, which does not implement speculative decoding yet")
     code = asyncio.run(run_server(server_config_from_args(args)))
     # Skip the interpreter's teardown (seconds of torch and tokenizer finalizers, nothing a stopping
     # server needs): flush the logs and leave with the code.

@@ -17,6 +17,7 @@ from pagedserve.runtime.model_runner import ModelRunner, kv_bytes_per_token
 from pagedserve.runtime.request import Request, RequestStatus
 from pagedserve.runtime.sampling_params import SamplingParams
 from pagedserve.runtime.scheduler import RequestUpdate, Scheduler
+from pagedserve.runtime.spec_decode import NgramProposer, SpecDecodeStats, SpeculativeConfig
 
 logger = logging.getLogger("pagedserve.engine")
 
@@ -70,6 +71,9 @@ class EngineCore:
         config_dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
         self.dtype = resolve_dtype(args.dtype, config_dtype, self.device)
         self.max_model_len = self._resolve_max_model_len(cfg, args.max_model_len)
+        self.spec_config = (
+            SpeculativeConfig.from_dict(args.speculative_config) if args.speculative_config else None
+        )
         max_batched = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
@@ -103,6 +107,7 @@ class EngineCore:
             self.runner.capture_cuda_graphs()
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
+        self.proposer = self._make_proposer(self.spec_config)
         self.eos_token_ids = self.source.eos_token_ids
         self.vocab_size = cfg.vocab_size
         self.load_time_s = time.monotonic() - t0
@@ -129,6 +134,19 @@ class EngineCore:
         if requested < 1 or requested > limit:
             raise ValueError(f"max_model_len: must be in [1, {limit}] for this model, got {requested}")
         return requested
+
+    def _make_proposer(self, sc: SpeculativeConfig | None) -> NgramProposer | None:
+        if sc is None:
+            return None
+        if sc.method != "ngram":
+            raise ValueError(f"speculative_config.method: {sc.method!r} is not implemented yet; use 'ngram'")
+        self.scheduler.spec_stats = SpecDecodeStats(sc.num_speculative_tokens)
+        return NgramProposer(sc.num_speculative_tokens, sc.prompt_lookup_min, sc.prompt_lookup_max)
+
+    @property
+    def spec_stats(self) -> SpecDecodeStats | None:
+        """Speculative-decoding counters (None when speculation is off)."""
+        return self.scheduler.spec_stats
 
     # ----------------------------------------------------------------------------- requests
     def make_request(
@@ -187,6 +205,17 @@ class EngineCore:
                 self.runner.execute(sched_out)  # let the runner drop finished requests' state
             return []
         run_out = self.runner.execute(sched_out)
-        return self.scheduler.update(
-            sched_out, run_out.sampled_token_ids, run_out.logprobs, run_out.prompt_logprobs
+        updates = self.scheduler.update(
+            sched_out, run_out.sampled_token_ids, run_out.logprobs, run_out.prompt_logprobs, run_out.verified
         )
+        if self.proposer is not None:
+            self._propose()
+        return updates
+
+    def _propose(self) -> None:
+        """Draft tokens for every request whose next step is a decode (the scheduler trims them to fit)."""
+        propose = self.proposer.propose
+        for req in self.scheduler.running:
+            tokens = req.all_token_ids
+            if req.num_computed_tokens == len(tokens) - 1:
+                req.spec_token_ids = propose(tokens)

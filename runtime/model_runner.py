@@ -17,6 +17,7 @@ from pagedserve.runtime.config import CacheConfig, SchedulerConfig
 from pagedserve.runtime.layers import AttentionMetadata
 from pagedserve.runtime.models import get_model_class
 from pagedserve.runtime.parallel import SINGLE, TPGroup
+from pagedserve.runtime.rejection_sampler import VerifiedTokens, verify_drafts
 from pagedserve.runtime.sampler import Sampler, SamplingRow, compute_logprobs
 from pagedserve.runtime.sampling_params import SamplingParams
 from pagedserve.runtime.scheduler import SchedulerOutput
@@ -41,6 +42,8 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]  # aligned with SchedulerOutput.req_ids; -1 where nothing was sampled
     logprobs: list | None
     prompt_logprobs: dict[str, list] | None
+    # Speculative decoding: per batch index of a request that had drafts, the tokens its verification produced.
+    verified: dict[int, VerifiedTokens] | None = None
 
 
 def kv_bytes_per_token(hf_config, dtype: torch.dtype, tp: TPGroup) -> int:
@@ -165,6 +168,10 @@ class ModelRunner:
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         for rid in so.finished_req_ids:
             self._remove_request(rid)
+        for rid, kept in so.num_blocks_kept.items():  # rejected drafts gave their blocks back
+            st = self.requests.get(rid)
+            if st is not None:
+                st.num_blocks = kept
         for nr in so.new_reqs:
             self._add_request(nr)
         if so.total_num_scheduled_tokens == 0:
@@ -202,6 +209,10 @@ class ModelRunner:
             hidden = self.model(ids_t, torch.from_numpy(positions).to(dev), meta)
 
         sample_idx = [i for i, s in enumerate(so.do_sample) if s]
+        spec = so.spec_token_ids
+        spec_idx = [i for i in sample_idx if so.req_ids[i] in spec] if spec else []
+        if spec_idx:
+            sample_idx = [i for i in sample_idx if so.req_ids[i] not in spec]
         plp_reqs = [
             i for i, st in enumerate(states)
             if st.params.prompt_logprobs is not None and starts[i] < len(st.prompt_token_ids)
@@ -210,11 +221,20 @@ class ModelRunner:
 
         sampled = [-1] * len(states)
         logprobs = None
-        if sample_idx:
-            last = torch.from_numpy(cu[1:][sample_idx] - 1).to(dev)
-            logits = self.model.compute_logits(hidden.index_select(0, last))
+        verified = None
+        if sample_idx or spec_idx:
+            last = cu[1:][sample_idx] - 1
+            if spec_idx:  # every scheduled position of a request with drafts: one logit row per draft + 1
+                last = np.concatenate([last, *(np.arange(cu[i], cu[i + 1]) for i in spec_idx)])
+            logits = self.model.compute_logits(hidden.index_select(0, torch.from_numpy(last).to(dev)))
             if logits is None:  # a tensor-parallel rank other than 0: it joined the gather; rank 0 samples
                 return ModelRunnerOutput(sampled, None, None)
+            if spec_idx:
+                verified = self._verify(so, states, spec_idx, logits[len(sample_idx):])
+                for i, (toks, _) in verified.items():
+                    sampled[i] = toks[-1]
+                logits = logits[:len(sample_idx)]
+        if sample_idx:
             rows_in = []
             for i in sample_idx:
                 st = states[i]
@@ -231,7 +251,19 @@ class ModelRunner:
                 logprobs = [None] * len(states)
                 for j, i in enumerate(sample_idx):
                     logprobs[i] = out.logprobs[j]
-        return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
+        return ModelRunnerOutput(sampled, logprobs, prompt_logprobs, verified)
+
+    def _verify(self, so, states, spec_idx, logits) -> dict[int, VerifiedTokens]:
+        rows, drafts, eos = [], [], []
+        for i in spec_idx:
+            st = states[i]
+            rows.append(SamplingRow(st.params, st.generator, st.prompt_token_ids, st.output_token_ids, []))
+            drafts.append(so.spec_token_ids[so.req_ids[i]])
+            eos.append(st.eos_token_ids)
+        results = verify_drafts(self.sampler, logits, rows, drafts, eos)
+        for i, (toks, _) in zip(spec_idx, results, strict=True):
+            states[i].output_token_ids.extend(toks)
+        return dict(zip(spec_idx, results, strict=True))
 
     def _device_meta(self, slots, block_tables, seq_lens, cu, num_sched) -> AttentionMetadata:
         dev = self.device

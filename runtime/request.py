@@ -59,6 +59,7 @@ class Request:
         "stop_reason",
         "first_scheduled_time",
         "first_token_time",
+        "spec_token_ids",
     )
 
     def __init__(
@@ -87,6 +88,8 @@ class Request:
         self.stop_reason: int | str | None = None
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        # Proposed next tokens awaiting verification; never part of all_token_ids before they are accepted.
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -17,6 +17,7 @@ from pagedserve.runtime.config import SchedulerConfig
 from pagedserve.runtime.kv_cache_manager import KVCacheManager
 from pagedserve.runtime.request import Request, RequestStatus
 from pagedserve.runtime.sampling_params import SamplingParams
+from pagedserve.runtime.spec_decode import SpecDecodeStats
 
 
 @dataclass
@@ -42,6 +43,10 @@ class SchedulerOutput:
     new_block_ids: list[list[int]] = field(default_factory=list)  # appended to each block table
     do_sample: list[bool] = field(default_factory=list)  # False for a prefill chunk short of the end
     finished_req_ids: list[str] = field(default_factory=list)  # since the last step: drop their state
+    # Speculative decoding: draft tokens to verify (also the tail of token_ids) per request that has some,
+    # and block tables cut back to this many blocks after rejected drafts gave their slots back.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    num_blocks_kept: dict[str, int] = field(default_factory=dict)
     total_num_scheduled_tokens: int = 0
     num_preempted: int = 0
 
@@ -115,6 +120,8 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
+        self.spec_stats: SpecDecodeStats | None = None  # set by the engine when speculative decoding is on
+        self._num_blocks_kept: dict[str, int] = {}
 
     # ----------------------------------------------------------------------------- bookkeeping
     def add_request(self, req: Request) -> None:
@@ -167,6 +174,7 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_front(req)
@@ -174,6 +182,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_req_ids=self._finished_since_last_step)
         self._finished_since_last_step = []
+        if self._num_blocks_kept:
+            out.num_blocks_kept = self._num_blocks_kept
+            self._num_blocks_kept = {}
         budget = self.config.max_num_batched_tokens
         kv = self.kv
         long_cap = self.config.long_prefill_token_threshold
@@ -194,6 +205,13 @@ class Scheduler:
             start = req.num_computed_tokens
             tokens = req.all_token_ids
             num_new = len(tokens) - start
+            if num_new == 1 and req.spec_token_ids:
+                n_spec = self._schedule_drafts(out, req, budget)
+                if n_spec:
+                    scheduled.append(req)
+                    budget -= n_spec
+                    i += 1
+                    continue
             if num_new == 1:
                 end = start + 1
                 if end % block_size and end <= block_size * len(req_to_blocks[req.request_id]):
@@ -281,6 +299,39 @@ class Scheduler:
             self._add_to_output(out, req, num_new, new_ids)
             budget -= num_new
 
+    def _schedule_drafts(self, out: SchedulerOutput, req: Request, budget: int) -> int:
+        """Schedule a decoding request's last token plus its draft tokens, if the budget, the request's
+        limits and free blocks allow; returns the tokens scheduled (0: schedule it without drafts).
+
+        Drafts never preempt anything: when blocks run short they are simply dropped."""
+        drafts = req.spec_token_ids
+        req.spec_token_ids = []
+        # The verified step yields up to len(drafts) + 1 tokens: stay inside max_tokens and max_model_len.
+        room = min(
+            budget - 1,
+            req.max_tokens - req.num_output_tokens - 1,
+            self.config.max_model_len - req.num_tokens - 1,
+        )
+        if room <= 0:
+            return 0
+        if len(drafts) > room:
+            drafts = drafts[:room]
+        num_new = 1 + len(drafts)
+        new_ids = self.kv.allocate_slots(req, num_new)
+        if new_ids is None:
+            return 0
+        rid = req.request_id
+        start = req.num_computed_tokens
+        out.req_ids.append(rid)
+        out.num_scheduled_tokens.append(num_new)
+        out.num_computed_tokens.append(start)
+        out.token_ids.append(req.all_token_ids[start:] + drafts)
+        out.new_block_ids.append(new_ids)
+        out.do_sample.append(True)
+        out.spec_token_ids[rid] = drafts
+        out.total_num_scheduled_tokens += num_new
+        return num_new
+
     @staticmethod
     def _add_to_output(out: SchedulerOutput, req: Request, num_new: int, new_ids: list[int]) -> None:
         start = req.num_computed_tokens
@@ -300,10 +351,13 @@ class Scheduler:
         sampled: list[int],
         logprobs: list | None = None,
         prompt_logprobs: dict[str, list] | None = None,
+        verified: dict[int, tuple[list[int], list | None]] | None = None,
     ) -> list[RequestUpdate]:
         """Advance each scheduled request by its computed tokens and append its sampled token.
 
         ``sampled[i]`` is the token sampled for ``out.req_ids[i]`` (ignored where ``do_sample`` is False).
+        ``verified[i]``, for a request that had draft tokens, holds the tokens its verification produced (the
+        accepted drafts, then the target's own token) and their logprobs (or None).
         """
         updates: list[RequestUpdate] = []
         requests = self.requests
@@ -319,6 +373,12 @@ class Scheduler:
             if not out.do_sample[i]:
                 if plp:
                     updates.append(RequestUpdate(rid, [], prompt_logprobs=plp))
+                continue
+            if verified is not None and i in verified:
+                upd = self._update_verified(req, out, i, *verified[i])
+                if upd.finish_reason is not None:
+                    any_finished = True
+                updates.append(upd)
                 continue
             token = sampled[i]
             req.all_token_ids.append(token)
@@ -354,6 +414,54 @@ class Scheduler:
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return updates
+
+    def _update_verified(
+        self, req: Request, out: SchedulerOutput, i: int, tokens: list[int], logprobs: list | None
+    ) -> RequestUpdate:
+        """Append a verified request's accepted tokens in order, stopping at the first stop condition; give
+        back the KV slots of its rejected drafts."""
+        rid = req.request_id
+        num_drafts = len(out.spec_token_ids[rid])
+        num_accepted = len(tokens) - 1
+        if self.spec_stats is not None:
+            self.spec_stats.observe(num_drafts, num_accepted)
+        # Positions of rejected drafts hold KV of tokens that are not the sequence's: not computed.
+        req.num_computed_tokens -= num_drafts - num_accepted
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        params = req.sampling_params
+        max_model_len = self.config.max_model_len
+        finish = None
+        num_out = len(req.all_token_ids) - len(req.prompt_token_ids)
+        emitted = 0
+        for token in tokens:
+            req.all_token_ids.append(token)
+            emitted += 1
+            num_out += 1
+            if num_out >= params.min_tokens and (req.eos_token_ids or params.stop_token_ids):
+                if not params.ignore_eos and token in req.eos_token_ids:
+                    finish = RequestStatus.FINISHED_STOPPED
+                elif token in params.stop_token_ids:
+                    finish = RequestStatus.FINISHED_STOPPED
+                    req.stop_reason = token
+            if finish is None and (num_out >= req.max_tokens or len(req.all_token_ids) >= max_model_len):
+                finish = RequestStatus.FINISHED_LENGTH_CAPPED
+            if finish is not None:
+                break
+        upd = RequestUpdate(
+            rid, tokens[:emitted], None, None, logprobs[:emitted] if logprobs is not None else None, None,
+            req.num_cached_tokens if req.num_cached_tokens > 0 else 0,
+        )
+        if finish is not None:
+            req.status = finish
+            upd.finish_reason = finish.finish_reason
+            upd.stop_reason = req.stop_reason
+            self._free(req)
+        elif num_accepted < num_drafts:
+            kept = self.kv.trim(req, req.num_computed_tokens)
+            if kept is not None:
+                self._num_blocks_kept[rid] = kept
+        return upd
 
     def finish_request(self, req_id: str, status: RequestStatus, stop_reason=None) -> None:
         """Finish a request from outside the step (a stop string seen by the detokenizer)."""
