@@ -59,6 +59,7 @@ class EngineStats:
     num_preemptions: int = 0
     num_requests: int = 0  # requests (parents) the engine thread is tracking
     num_steps: int = 0
+    spec_decode: dict | None = None  # SpecDecodeStats.as_dict() while speculative decoding is on
 
 
 class EngineListener(Protocol):
@@ -467,4 +468,5 @@ class AsyncEngine:
             prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions=sched.num_preemptions,
             num_steps=self._num_steps,
+            spec_decode=sched.spec_stats.as_dict() if getattr(sched, "spec_stats", None) else None,
         )

@@ -154,6 +154,21 @@ class _StateCollector:
         c.add_metric([self.model_name], value)
         return c
 
+    def _spec_decode(self, sd: dict):
+        """vLLM's speculative-decoding counters; acceptance rate = accepted / draft tokens in PromQL."""
+        yield self._counter("vllm:spec_decode_num_drafts", "Verifications of draft tokens (one per request "
+                            "and step that had drafts).", sd["spec_decode_num_drafts"])
+        yield self._counter("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
+                            sd["spec_decode_num_draft_tokens"])
+        yield self._counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                            sd["spec_decode_num_accepted_tokens"])
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the draft.",
+                                      labels=["model_name", "position"])
+        for pos, n in enumerate(sd["spec_decode_num_accepted_tokens_per_pos"]):
+            per_pos.add_metric([self.model_name, str(pos)], n)
+        yield per_pos
+
     def collect(self):
         for name, (doc, value) in self.state().items():
             yield self._gauge(name, doc, value)
@@ -173,6 +188,8 @@ class _StateCollector:
                             s.prefix_cache_queries)
         yield self._counter("vllm:prefix_cache_hits", "Tokens found in the prefix cache.", s.prefix_cache_hits)
         yield self._counter("vllm:num_preemptions", "Requests preempted (recomputed later).", s.num_preemptions)
+        if s.spec_decode:
+            yield from self._spec_decode(s.spec_decode)
         yield self._gauge("pagedserve_kv_cache_blocks", "KV-cache blocks in the pool.", s.num_blocks)
         yield self._gauge("pagedserve_kv_cache_free_blocks", "KV-cache blocks free (cached ones included).",
                           s.num_free_blocks)

@@ -212,6 +212,34 @@ def test_tensor_parallel_2_with_speculation(tiny_model_factory):
         llm.engine.shutdown()
 
 
+def test_counters_reach_prometheus_under_vllm_names(tiny_model_factory):
+    from types import SimpleNamespace
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pagedserve.runtime.async_engine import EngineStats
+    from pagedserve.runtime.metrics import ServerMetrics
+
+    path, hf, tok = tiny_model_factory("llama")
+    llm = LLM(path, num_kv_cache_tokens=2048, speculative_config=ngram(k=3))
+    generate(llm, repetitive_prompts(len(tok), [(3, 20), (4, 30)], seed=2),
+             SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    sd = llm.engine.spec_stats
+    metrics = ServerMetrics("tiny")
+    fake = SimpleNamespace(stats=EngineStats(spec_decode=sd.as_dict()), heartbeat_age=lambda: 0.0,
+                           liveness=lambda: (True, ""))
+    metrics.bind(fake, dict, {"block_size": 16})
+    got = {(s.name, s.labels.get("position")): s.value
+           for fam in text_string_to_metric_families(metrics.render().decode()) for s in fam.samples}
+    assert got[("vllm:spec_decode_num_drafts_total", None)] == sd.num_drafts > 0
+    assert got[("vllm:spec_decode_num_draft_tokens_total", None)] == sd.num_draft_tokens
+    assert got[("vllm:spec_decode_num_accepted_tokens_total", None)] == sd.num_accepted_tokens > 0
+    for pos in range(3):
+        assert got[("vllm:spec_decode_num_accepted_tokens_per_pos_total", str(pos))] == \
+            sd.num_accepted_tokens_per_pos[pos]
+    assert sd.num_accepted_tokens_per_pos[0] >= sd.num_accepted_tokens_per_pos[1] >= sd.num_accepted_tokens_per_pos[2]
+
+
 # ----------------------------------------------------------------------------- rejection sampling statistics
 def _chi_square_p_value(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
     """Pearson's test, cells with tiny expectation pooled; survival function via the regularised gamma."""
