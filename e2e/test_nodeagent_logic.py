@@ -148,3 +148,20 @@ def test_service_endpoints_follow_the_endpointslice_rule() -> None:
     assert service_endpoints(svc, pods, "raw") == [("127.0.0.11", 9000), ("127.0.0.12", 9000)]
     svc["spec"]["publishNotReadyAddresses"] = True
     assert [ip for ip, _ in service_endpoints(svc, pods)] == ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"]
+
+
+def test_a_volume_over_a_parent_of_the_checkout_does_not_hide_it():
+    # A CI clone under /tmp and an emptyDir at /tmp (the operator chart's read-only root needs one).
+    from pathlib import Path
+
+    from e2e.cluster.nodeagent.process import KEEP_DIR, mount_script, shadowed
+    from e2e.cluster.nodeagent.volumes import Mount
+
+    mounts = [Mount(Path("/var/empty-dir-src"), "/tmp", False)]
+    assert shadowed(Path("/tmp/clone"), mounts)
+    assert not shadowed(Path("/work/main"), mounts)
+    script = mount_script(mounts, [Path("/tmp/clone")]).splitlines()
+    aside = script.index(f"mkdir -p {KEEP_DIR}/0; mount --bind /tmp/clone {KEEP_DIR}/0")
+    volume = script.index("mount --bind /var/empty-dir-src /tmp")
+    back = script.index(f"mkdir -p /tmp/clone; mount --bind {KEEP_DIR}/0 /tmp/clone")
+    assert aside < volume < back < script.index('exec "$@"')

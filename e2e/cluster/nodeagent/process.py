@@ -32,9 +32,25 @@ def mount_namespaces_available() -> bool:
     return probe.returncode == 0
 
 
-def mount_script(mounts: Sequence[Mount]) -> str:
-    """Shell that bind-mounts each volume at its target, then execs the container command ("$@")."""
+# The checkout this agent runs from (its .venv holds every container's command). A volume mounted over one
+# of its parents (an emptyDir at /tmp while the checkout is under /tmp, as a CI clone may be) must not hide it.
+REPO_ROOT = Path(__file__).resolve().parents[3]
+KEEP_DIR = Path("/run/pagedserve-keep")
+
+
+def shadowed(path: Path, mounts: Sequence[Mount]) -> bool:
+    return any(path == Path(m.target) or Path(m.target) in path.parents for m in mounts)
+
+
+def mount_script(mounts: Sequence[Mount], keep: Sequence[Path] = ()) -> str:
+    """Shell that bind-mounts each volume at its target, then execs the container command ("$@").
+
+    Each path in ``keep`` is bound aside first and bound back after the volumes, so a volume mounted over
+    one of its parents leaves it visible."""
     lines = ["set -e"]
+    for i, path in enumerate(keep):
+        stash = shlex.quote(str(KEEP_DIR / str(i)))
+        lines.append(f"mkdir -p {stash}; mount --bind {shlex.quote(str(path))} {stash}")
     for m in mounts:
         src, dst = shlex.quote(str(m.source)), shlex.quote(m.target)
         if m.source.is_dir():
@@ -44,6 +60,9 @@ def mount_script(mounts: Sequence[Mount]) -> str:
         lines.append(f"mount --bind {src} {dst}")
         if m.read_only:
             lines.append(f"mount -o remount,bind,ro {dst}")
+    for i, path in enumerate(keep):
+        dst = shlex.quote(str(path))
+        lines.append(f"mkdir -p {dst}; mount --bind {shlex.quote(str(KEEP_DIR / str(i)))} {dst}")
     lines.append('exec "$@"')
     return "\n".join(lines)
 
@@ -98,8 +117,11 @@ class ContainerProcess:
         argv = [resolved, *self.argv[1:]]
         if self.mounts and mount_namespaces_available():
             self._make_mount_points()
+            keep = [REPO_ROOT] if shadowed(REPO_ROOT, self.mounts) else []
+            if keep:
+                KEEP_DIR.mkdir(parents=True, exist_ok=True)
             argv = ["unshare", "--mount", "--propagation", "private", "--",
-                    "/bin/sh", "-c", mount_script(self.mounts), "container-entry", *argv]  # fmt: skip
+                    "/bin/sh", "-c", mount_script(self.mounts, keep), "container-entry", *argv]  # fmt: skip
         self.cwd.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
