@@ -35,6 +35,24 @@ class RequestState:
     eos_token_ids: tuple[int, ...]
     num_blocks: int = 0
     prompt_logprobs: list = field(default_factory=list)
+    sampling_row: SamplingRow | None = None  # built once; it sees output_token_ids grow
+
+    def row_for_sampling(self) -> SamplingRow:
+        row = self.sampling_row
+        if row is None:
+            row = self.sampling_row = SamplingRow(
+                self.params, self.generator, self.prompt_token_ids, self.output_token_ids, []
+            )
+        p = self.params
+        if p.min_tokens:
+            # EOS and stop ids are masked until min_tokens outputs exist.
+            suppressed = []
+            if len(self.output_token_ids) < p.min_tokens:
+                suppressed = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+            if suppressed != row.suppressed_token_ids:
+                row.suppressed_token_ids = suppressed
+                row.process = bool(suppressed) or p.needs_logit_processing
+        return row
 
 
 @dataclass
@@ -235,14 +253,7 @@ class ModelRunner:
                     sampled[i] = toks[-1]
                 logits = logits[:len(sample_idx)]
         if sample_idx:
-            rows_in = []
-            for i in sample_idx:
-                st = states[i]
-                p = st.params
-                suppressed = []
-                if len(st.output_token_ids) < p.min_tokens:
-                    suppressed = list(p.stop_token_ids) + ([] if p.ignore_eos else list(st.eos_token_ids))
-                rows_in.append(SamplingRow(p, st.generator, st.prompt_token_ids, st.output_token_ids, suppressed))
+            rows_in = [states[i].row_for_sampling() for i in sample_idx]
             out = self.sampler(logits, rows_in)
             for j, i in enumerate(sample_idx):
                 sampled[i] = out.token_ids[j]
