@@ -364,13 +364,17 @@ class Scheduler:
         max_model_len = self.config.max_model_len
         any_finished = False
         now = None
-        for i, rid in enumerate(out.req_ids):
+        running = RequestStatus.RUNNING
+        append = updates.append
+        for i, (rid, num_scheduled, do_sample) in enumerate(
+            zip(out.req_ids, out.num_scheduled_tokens, out.do_sample, strict=True)
+        ):
             req = requests.get(rid)
-            if req is None or req.status != RequestStatus.RUNNING:
+            if req is None or req.status != running:
                 continue  # aborted while the step ran
-            req.num_computed_tokens += out.num_scheduled_tokens[i]
+            req.num_computed_tokens += num_scheduled
             plp = prompt_logprobs.get(rid) if prompt_logprobs else None
-            if not out.do_sample[i]:
+            if not do_sample:
                 if plp:
                     updates.append(RequestUpdate(rid, [], prompt_logprobs=plp))
                 continue
@@ -410,7 +414,7 @@ class Scheduler:
                 upd.stop_reason = req.stop_reason
                 self._free(req)
                 any_finished = True
-            updates.append(upd)
+            append(upd)
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return updates
