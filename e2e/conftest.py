@@ -49,3 +49,15 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> str:
     wait_for(lambda: cluster.core.read_namespaced_service_account("default", name), 30, f"default SA in {name}")
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Cluster):
+    """The operator chart installed once per session (kept if someone else, e.g. `make demo`, installed it)."""
+    from e2e import product
+
+    ours = not product.operator_installed(cluster)
+    product.install_operator(cluster)
+    yield
+    if ours:
+        product.uninstall_operator(cluster)

@@ -118,3 +118,94 @@ def wait_serving(base_url: str, model: str, timeout_s: float = 60) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+# A tiny random-weight Llama in Hugging Face layout (tests/tiny_models.py): 4 query and 2 KV heads, so TP 2
+# splits it (SmolLM2-135M's 9 heads do not), and a pod loads it in a second or two.
+TINY_MODEL_DIR = versions.CACHE_ROOT / "models" / "tiny-llama-tp"
+TINY_MODEL = "tiny-llama"
+
+
+def prepare_tiny_model_dir() -> Path:
+    """Build the tiny model once into a node folder (reused while its files are there)."""
+    if not (TINY_MODEL_DIR / "model.safetensors").exists() or not (TINY_MODEL_DIR / "tokenizer.json").exists():
+        import sys
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        import tiny_models
+
+        tiny_models.build_model_dir(str(TINY_MODEL_DIR), "llama", seed=0)
+    return TINY_MODEL_DIR
+
+
+def tiny_manifest(name: str, **spec_changes: Any) -> dict[str, Any]:
+    """The example's shape (CPU engine, hostPath model) serving the tiny model folder."""
+    manifest = smollm2_manifest(name)
+    spec = manifest["spec"]
+    spec["model"] = {"hostPath": {"path": str(prepare_tiny_model_dir())}, "name": TINY_MODEL}
+    spec["engine"].update({"maxModelLen": 512, "numKvCacheTokens": 4096})
+    spec.update(spec_changes)
+    return manifest
+
+
+def complete(base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: float = 60) -> str:
+    """One greedy completion of exactly `max_tokens` tokens (EOS ignored), on a connection of its own."""
+    import urllib.request
+
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    request = urllib.request.Request(f"{base_url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+        return json.loads(reply.read())["choices"][0]["text"]
+
+
+class Load:
+    """`streams` client threads sending completions back to back through a URL until stopped; every outcome kept.
+
+    Bounded by `limit_s` whatever happens to the test. Each request opens its own connection, so the
+    Service proxy may route it to any ready pod (as new clients would be).
+    """
+
+    def __init__(self, base_url: str, model: str, streams: int = 1, max_tokens: int = 8, limit_s: float = 300):
+        import threading
+
+        self.results: list[str] = []
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + limit_s
+        self._args = (base_url, model, max_tokens)
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(streams)]
+
+    def _run(self) -> None:
+        base_url, model, max_tokens = self._args
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            try:
+                complete(base_url, model, "The capital of France is", max_tokens)
+                self.results.append("ok")
+            except Exception as err:
+                self.results.append(f"error {type(err).__name__}: {err}")
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=90)
+
+    def failures(self) -> list[str]:
+        return [r for r in self.results if r != "ok"]
+
+
+def wait_serving_completions(base_url: str, model: str = TINY_MODEL, timeout_s: float = 60) -> None:
+    """The Service answers a completion (the proxy may take a moment to see the new endpoint)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            complete(base_url, model, "Hi", max_tokens=1, timeout_s=30)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

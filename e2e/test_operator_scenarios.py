@@ -26,16 +26,6 @@ SELECTOR = f"app.kubernetes.io/instance={NAME},app.kubernetes.io/component=runti
 
 
 @pytest.fixture(scope="module")
-def operator(cluster: Cluster):
-    """The chart installed once for this module (kept if someone else, e.g. `make demo`, installed it)."""
-    ours = not product.operator_installed(cluster)
-    product.install_operator(cluster)
-    yield
-    if ours:
-        product.uninstall_operator(cluster)
-
-
-@pytest.fixture(scope="module")
 def served(cluster: Cluster, operator) -> str:
     """A namespace holding `smollm2`, applied from the example; removed at the end of the module."""
     namespace = f"e2e-llmd-{os.getpid()}"

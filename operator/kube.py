@@ -171,9 +171,11 @@ class Kube:
         """Objects matching the labels (filtered here too, so a server that ignores the selector is fine)."""
         selector = ",".join(f"{k}={v}" for k, v in sorted(label_selector.items()))
         data = await self.request("GET", url, params={"labelSelector": selector})
-        items = data.get("items") or []
+        # A real API server's list items carry no apiVersion/kind (only the list does); object_path needs them.
+        kind = str(data.get("kind", "")).removesuffix("List")
+        typed = {"apiVersion": data.get("apiVersion"), "kind": kind} if kind and data.get("apiVersion") else {}
         return [
-            item for item in items
+            {**typed, **item} for item in data.get("items") or []
             if all((item.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in label_selector.items())
         ]
 
