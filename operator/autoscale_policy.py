@@ -276,6 +276,8 @@ def replica_target(policy: Policy, state: ScalerState, obs: Observation, desired
         return target, why, f"{what} -> {target} replicas (wanted {desired}, step limit {limit})"
 
     if desired < current:
+        if current <= lo:  # an idle deployment at its floor: nothing to remove, and no check to blame
+            return current, "AtMinReplicas", f"{what} wants {desired}, but {lo} is the fewest allowed"
         if in_panic:
             return current, "PanicNoScaleDown", f"{what}; panic mode never scales down"
         down_window = [d for t, d in state.recommendations if t > now - policy.scale_down_stabilization_s]
