@@ -257,3 +257,20 @@ async def test_a_child_read_from_a_list_counts_as_up_to_date() -> None:
     result = Result()
     await apply_child(NoWrites(), want, as_listed, result)
     assert result.writes == []
+
+
+async def test_listed_items_take_the_lists_apiversion_and_kind() -> None:
+    """Found on the real API server: list items lack apiVersion/kind, so deleting a listed Deployment (the old
+    generation after a blue/green switch) failed to build its URL and the switch never finished."""
+    from pagedserve.operator.kube import Kube, object_path, path
+
+    kube = Kube.__new__(Kube)  # no connection: the one request is answered here
+
+    async def request(method: str, url: str, **_: object) -> dict:
+        item = {"metadata": {"name": "smollm2-tp1", "namespace": NS, "labels": {"app": "x"}}}
+        return {"apiVersion": "apps/v1", "kind": "DeploymentList", "items": [item, {"metadata": {"name": "other"}}]}
+
+    kube.request = request
+    (listed,) = await kube.list(path("apps/v1", "deployments", NS), {"app": "x"})
+    assert (listed["apiVersion"], listed["kind"]) == ("apps/v1", "Deployment")
+    assert object_path(listed) == path("apps/v1", "deployments", NS, "smollm2-tp1")
