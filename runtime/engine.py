@@ -101,6 +101,7 @@ class EngineCore:
                 args.tensor_parallel_size, seed=args.seed,
                 capture_cuda_graphs=self.device.type == "cuda" and not args.enforce_eager,
             )
+        drafter = self._load_draft_model(self.spec_config)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         if self.device.type == "cuda" and not args.enforce_eager:
@@ -114,6 +115,8 @@ class EngineCore:
         self.last_step_shape = (0, 0)  # (requests, tokens) of the last step
         capacity = num_blocks * args.block_size
         per_tok = kv_bytes_per_token(cfg, self.dtype, self.runner.tp)
+        if drafter is not None:  # the draft's KV shares every slot
+            per_tok += drafter.kv_bytes_per_token()
         logger.info(
             "model loaded in %.1fs (%s, %s on %s); KV cache: %d tokens (%d blocks of %d, %.2f GiB); "
             "maximum concurrency for %d tokens per request: %.2fx",
@@ -135,12 +138,31 @@ class EngineCore:
             raise ValueError(f"max_model_len: must be in [1, {limit}] for this model, got {requested}")
         return requested
 
-    def _make_proposer(self, sc: SpeculativeConfig | None) -> NgramProposer | None:
+    def _load_draft_model(self, sc: SpeculativeConfig | None):
+        """The draft_model method's draft, attached to the runner before the KV pool is sized (its KV shares
+        the pool's slots, see runtime/draft_model.py)."""
+        if sc is None or sc.method != "draft_model":
+            return None
+        if self.args.tensor_parallel_size != 1:
+            raise ValueError(
+                "speculative_config: the draft_model method runs with tensor_parallel_size=1 only; "
+                "use the ngram method with tensor parallelism"
+            )
+        from pagedserve.runtime.draft_model import DraftModel
+
+        drafter = DraftModel(load_model_source(sc.model), self.source.config, self.dtype, self.device,
+                             self.max_model_len)
+        self.runner.drafter = drafter
+        return drafter
+
+    def _make_proposer(self, sc: SpeculativeConfig | None):
         if sc is None:
             return None
-        if sc.method != "ngram":
-            raise ValueError(f"speculative_config.method: {sc.method!r} is not implemented yet; use 'ngram'")
         self.scheduler.spec_stats = SpecDecodeStats(sc.num_speculative_tokens)
+        if sc.method == "draft_model":
+            from pagedserve.runtime.draft_model import DraftModelSlots
+
+            return DraftModelSlots(sc.num_speculative_tokens)
         return NgramProposer(sc.num_speculative_tokens, sc.prompt_lookup_min, sc.prompt_lookup_max)
 
     @property

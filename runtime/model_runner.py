@@ -36,6 +36,7 @@ class RequestState:
     num_blocks: int = 0
     prompt_logprobs: list = field(default_factory=list)
     sampling_row: SamplingRow | None = None  # built once; it sees output_token_ids grow
+    num_draft_computed: int = 0  # verified tokens whose KV the draft model has computed (draft_model method)
 
     def row_for_sampling(self) -> SamplingRow:
         row = self.sampling_row
@@ -112,11 +113,12 @@ class ModelRunner:
         self.free_rows = list(range(self.max_rows - 1, -1, -1))
         self.num_blocks = 0
         self.graphs = None
+        self.drafter = None  # a DraftModel when speculative decoding uses one; set before sizing the KV pool
 
     # ----------------------------------------------------------------------------- KV cache
     def determine_num_blocks(self) -> int:
         """KV capacity in blocks: explicit on CPU, profiled against gpu_memory_utilization on CUDA."""
-        per_block = kv_bytes_per_token(self.hf_config, self.dtype, self.tp) * self.block_size
+        per_block = self.kv_bytes_per_token() * self.block_size
         cc = self.cache_config
         if cc.num_kv_cache_tokens is not None:
             return -(-cc.num_kv_cache_tokens // self.block_size)
@@ -146,8 +148,10 @@ class ModelRunner:
         pos = torch.arange(n, device=self.device)
         hidden = self.model(ids, pos, None)
         self.model.compute_logits(hidden[-self.scheduler_config.max_num_seqs:])
-        torch.cuda.synchronize(self.device)
         del hidden
+        if self.drafter is not None:
+            self.drafter.profile_run(n, self.scheduler_config.max_num_seqs)
+        torch.cuda.synchronize(self.device)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
@@ -157,6 +161,13 @@ class ModelRunner:
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.kv_caches.append((attn.k_cache, attn.v_cache))
+        if self.drafter is not None:
+            self.drafter.allocate_kv_cache(num_blocks, self.block_size)
+
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token slot costs on this rank: the target's, plus the draft model's that shares it."""
+        per_tok = kv_bytes_per_token(self.hf_config, self.dtype, self.tp)
+        return per_tok + (self.drafter.kv_bytes_per_token() if self.drafter is not None else 0)
 
     # ----------------------------------------------------------------------------- state
     def _add_request(self, nr) -> None:
@@ -202,6 +213,9 @@ class ModelRunner:
                 n = len(new_ids)
                 table[st.row, st.num_blocks:st.num_blocks + n] = new_ids
                 st.num_blocks += n
+        draft_probs = None
+        if self.drafter is not None and so.spec_token_ids:  # fills in the drafts before they are input
+            draft_probs = self.drafter.propose(self, so, states)
         rows = np.fromiter((st.row for st in states), dtype=np.int64, count=len(states))
         num_sched = np.asarray(so.num_scheduled_tokens, dtype=np.int64)
         starts = np.asarray(so.num_computed_tokens, dtype=np.int64)
@@ -248,7 +262,7 @@ class ModelRunner:
             if logits is None:  # a tensor-parallel rank other than 0: it joined the gather; rank 0 samples
                 return ModelRunnerOutput(sampled, None, None)
             if spec_idx:
-                verified = self._verify(so, states, spec_idx, logits[len(sample_idx):])
+                verified = self._verify(so, states, spec_idx, logits[len(sample_idx):], draft_probs)
                 for i, (toks, _) in verified.items():
                     sampled[i] = toks[-1]
                 logits = logits[:len(sample_idx)]
@@ -264,14 +278,15 @@ class ModelRunner:
                     logprobs[i] = out.logprobs[j]
         return ModelRunnerOutput(sampled, logprobs, prompt_logprobs, verified)
 
-    def _verify(self, so, states, spec_idx, logits) -> dict[int, VerifiedTokens]:
+    def _verify(self, so, states, spec_idx, logits, draft_probs=None) -> dict[int, VerifiedTokens]:
         rows, drafts, eos = [], [], []
         for i in spec_idx:
             st = states[i]
             rows.append(SamplingRow(st.params, st.generator, st.prompt_token_ids, st.output_token_ids, []))
             drafts.append(so.spec_token_ids[so.req_ids[i]])
             eos.append(st.eos_token_ids)
-        results = verify_drafts(self.sampler, logits, rows, drafts, eos)
+        q = [draft_probs.get(so.req_ids[i]) for i in spec_idx] if draft_probs else None
+        results = verify_drafts(self.sampler, logits, rows, drafts, eos, q)
         for i, (toks, _) in zip(spec_idx, results, strict=True):
             states[i].output_token_ids.extend(toks)
         return dict(zip(spec_idx, results, strict=True))
