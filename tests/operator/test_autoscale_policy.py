@@ -64,6 +64,7 @@ ONE_TICK = [
     (4, 20, 0.95, 4, "AtMaxReplicas"),  # wants 5, maxReplicas 4
     (4, 0, 0.10, 2, "KVCacheUsage"),  # wants ceil(4 * 0.125) = 1, down-rate 2 allows 2; 0.1*4/2 = 0.2 fits
     (6, 0, 0.80, 4, "Bounds"),  # above maxReplicas (a hand edit): back to 4
+    (1, 0, 0.0, 1, "AtMinReplicas"),  # idle at minReplicas: wants 0, 1 is the fewest allowed
 ]
 
 
