@@ -82,7 +82,7 @@ def test_operator_pod_is_locked_down() -> None:
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert set(container["resources"]["requests"]) == {"cpu", "memory"}
-    assert container["command"] == ["pagedserve", "operator"]
+    assert container["command"] == ["python3", "-m", "pagedserve.operator.main"]  # no torch import
     assert "--all-namespaces" in container["args"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
 
