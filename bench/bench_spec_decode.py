@@ -1,7 +1,13 @@
-"""Speculative decoding (ngram prompt lookup) on the real SmolLM2-135M-Instruct (GGUF, CPU): acceptance rate
-and output tokens/s with and without speculation, at batch 1 and batch 32, greedy.
+"""Speculative decoding (ngram prompt lookup, or a draft model) on the real SmolLM2-135M-Instruct (GGUF, CPU):
+acceptance rate and output tokens/s with and without speculation, at batch 1 and batch 32, greedy.
 
     .venv/bin/python bench/bench_spec_decode.py --out bench/results/spec_decode_smollm2_cpu.json
+    .venv/bin/python bench/bench_spec_decode.py --draft-model same --k 3   # draft_model rows, merged in
+
+``--draft-model same`` uses SmolLM2 itself as its own draft: every greedy draft is accepted, so it is the
+upper bound on acceptance, not a speed-up (the draft costs what the target costs). A draft-model run is
+recorded under ``draft_model_runs`` of the same file, with its own baseline and command, next to the
+ngram record.
 
 Prompts ask for edits of a given text or code (the output copies much of the input: what prompt lookup is
 for) and for open continuations (little to copy). Greedy outputs with speculation are checked token for
@@ -86,16 +92,26 @@ def main() -> int:
     ap.add_argument("--k", type=int, nargs="+", default=[3, 5])
     ap.add_argument("--batch1-prompts", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--draft-model", default=None,
+                    help="a draft model path, or 'same' for SmolLM2 itself: draft_model rows instead of ngram")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = str(smollm2_gguf_path())
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     common = dict(num_kv_cache_tokens=65536, max_model_len=1024, device="cpu")
-    configs = [("baseline", None)] + [
-        (f"ngram_k{k}", {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2,
-                         "prompt_lookup_max": 4})
-        for k in args.k
-    ]
+    if args.draft_model:
+        draft = path if args.draft_model == "same" else args.draft_model
+        label = "draft_self" if args.draft_model == "same" else "draft"
+        configs = [("baseline", None)] + [
+            (f"{label}_k{k}", {"method": "draft_model", "model": draft, "num_speculative_tokens": k})
+            for k in args.k
+        ]
+    else:
+        configs = [("baseline", None)] + [
+            (f"ngram_k{k}", {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2,
+                             "prompt_lookup_max": 4})
+            for k in args.k
+        ]
     results = {}
     reference: dict[int, list] = {}
     for name, spec in configs:
@@ -141,6 +157,17 @@ def main() -> int:
         "sampling": f"greedy, ignore_eos, max_tokens={args.max_tokens}",
         "results": results,
     }
+    if args.draft_model:
+        record["draft_model"] = "the target itself" if args.draft_model == "same" else args.draft_model
+        if args.draft_model == "same":
+            record["note"] = ("draft = target: the upper bound on acceptance (every greedy draft is accepted); "
+                              "the draft costs what the target costs, so no speed-up is expected from it")
+        existing = {}
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                existing = json.load(f)
+        existing.setdefault("draft_model_runs", {})[list(results)[-1]] = record
+        record = existing
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=2)
