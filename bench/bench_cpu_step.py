@@ -66,6 +66,7 @@ def make_runner(max_num_seqs: int, max_model_len: int) -> ModelRunner:
     runner.block_table = np.zeros((max_num_seqs, runner.max_blocks_per_seq), dtype=np.int32)
     runner.free_rows = list(range(max_num_seqs - 1, -1, -1))
     runner.graphs = None
+    runner.drafter = None
     return runner
 
 
