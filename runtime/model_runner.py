@@ -18,7 +18,7 @@ from pagedserve.runtime.layers import AttentionMetadata
 from pagedserve.runtime.models import get_model_class
 from pagedserve.runtime.parallel import SINGLE, TPGroup
 from pagedserve.runtime.rejection_sampler import VerifiedTokens, verify_drafts
-from pagedserve.runtime.sampler import Sampler, SamplingRow, compute_logprobs
+from pagedserve.runtime.sampler import Sampler, SamplingRow, compute_logprobs, suppressed_token_ids
 from pagedserve.runtime.sampling_params import SamplingParams
 from pagedserve.runtime.scheduler import SchedulerOutput
 
@@ -47,9 +47,7 @@ class RequestState:
         p = self.params
         if p.min_tokens:
             # EOS and stop ids are masked until min_tokens outputs exist.
-            suppressed = []
-            if len(self.output_token_ids) < p.min_tokens:
-                suppressed = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+            suppressed = suppressed_token_ids(p, len(self.output_token_ids), self.eos_token_ids)
             if suppressed != row.suppressed_token_ids:
                 row.suppressed_token_ids = suppressed
                 row.process = bool(suppressed) or p.needs_logit_processing

@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from pagedserve.runtime.sampler import Sampler, SamplingRow, compute_logprobs
+from pagedserve.runtime.sampler import (
+    Sampler,
+    SamplingRow,
+    compute_logprobs,
+    suppressed_token_ids,
+    warped_probs,
+)
 
 VerifiedTokens = tuple[list[int], list | None]  # tokens produced (accepted drafts + one), their logprobs
 
@@ -26,18 +32,7 @@ VerifiedTokens = tuple[list[int], list | None]  # tokens produced (accepted draf
 def target_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """The normalised distribution ``Sampler`` draws each (non-greedy) row from: temperature, top-k, top-p,
     min-p applied to already processed ``logits``, in the sampler's order and with its top-k/top-p code."""
-    device = logits.device
-    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=device)
-    scaled = logits / temps.unsqueeze(1)
-    top_ks = [r.params.top_k for r in rows]
-    top_ps = [r.params.top_p for r in rows]
-    min_ps = [r.params.min_p for r in rows]
-    if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
-        scaled = Sampler._top_k_top_p(scaled, top_ks, top_ps)
-    probs = torch.softmax(scaled, dim=-1)
-    if any(m > 0.0 for m in min_ps):
-        min_p = torch.tensor(min_ps, dtype=probs.dtype, device=device).unsqueeze(1)
-        probs = probs.masked_fill(probs < probs.max(dim=-1, keepdim=True).values * min_p, 0.0)
+    probs = warped_probs(logits, rows, [r.params.temperature for r in rows])
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
@@ -47,9 +42,7 @@ def _position_rows(row: SamplingRow, drafts: list[int], eos_token_ids: tuple[int
     rows = []
     for j in range(len(drafts) + 1):
         outputs = row.output_token_ids + drafts[:j] if j else row.output_token_ids
-        suppressed: list[int] = []
-        if len(outputs) < p.min_tokens:
-            suppressed = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+        suppressed = suppressed_token_ids(p, len(outputs), eos_token_ids)
         rows.append(SamplingRow(p, row.generator, row.prompt_token_ids, outputs, suppressed))
     return rows
 

@@ -15,6 +15,31 @@ import torch
 from pagedserve.runtime.sampling_params import SamplingParams
 
 
+def suppressed_token_ids(params: SamplingParams, num_outputs: int, eos_token_ids: tuple[int, ...]) -> list[int]:
+    """Token ids masked while fewer than ``min_tokens`` outputs exist: stop ids, and EOS unless ignored."""
+    if num_outputs >= params.min_tokens:
+        return []
+    return list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
+
+
+def warped_probs(logits: torch.Tensor, rows: list, temperatures: list[float]) -> torch.Tensor:
+    """Temperature, then top-k/top-p, softmax, then min-p: the distribution each row samples from
+    (unnormalised after min-p; callers that need a distribution renormalise)."""
+    device = logits.device
+    temps = torch.tensor(temperatures, dtype=logits.dtype, device=device)
+    scaled = logits / temps.unsqueeze(1)
+    top_ks = [r.params.top_k for r in rows]
+    top_ps = [r.params.top_p for r in rows]
+    min_ps = [r.params.min_p for r in rows]
+    if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
+        scaled = Sampler._top_k_top_p(scaled, top_ks, top_ps)
+    probs = torch.softmax(scaled, dim=-1)
+    if any(m > 0.0 for m in min_ps):
+        min_p = torch.tensor(min_ps, dtype=probs.dtype, device=device).unsqueeze(1)
+        probs = probs.masked_fill(probs < probs.max(dim=-1, keepdim=True).values * min_p, 0.0)
+    return probs
+
+
 class SamplingRow:
     """What the sampler needs of one request for one step."""
 
@@ -129,22 +154,7 @@ class Sampler:
     # ----------------------------------------------------------------------------- sampling
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:
         device = logits.device
-        temps = torch.tensor(
-            [1.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)],
-            dtype=logits.dtype,
-            device=device,
-        )
-        scaled = logits / temps.unsqueeze(1)
-        top_ks = [r.params.top_k for r in rows]
-        top_ps = [r.params.top_p for r in rows]
-        min_ps = [r.params.min_p for r in rows]
-        if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
-            scaled = self._top_k_top_p(scaled, top_ks, top_ps)
-        probs = torch.softmax(scaled, dim=-1)
-        if any(m > 0.0 for m in min_ps):
-            min_p = torch.tensor(min_ps, dtype=probs.dtype, device=device).unsqueeze(1)
-            threshold = probs.max(dim=-1, keepdim=True).values * min_p
-            probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = warped_probs(logits, rows, [1.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)])
         q = torch.ones_like(probs)
         unseeded = [i for i, r in enumerate(rows) if r.generator is None and not greedy[i]]
         if unseeded:

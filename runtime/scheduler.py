@@ -190,7 +190,6 @@ class Scheduler:
         long_cap = self.config.long_prefill_token_threshold
 
         # 1. Running requests, in order; preempt from the back when blocks run out.
-        scheduled: list[Request] = []
         preempted: set[str] = set()
         block_size = kv.block_size
         req_to_blocks = kv.req_to_blocks
@@ -208,7 +207,6 @@ class Scheduler:
             if num_new == 1 and req.spec_token_ids:
                 n_spec = self._schedule_drafts(out, req, budget)
                 if n_spec:
-                    scheduled.append(req)
                     budget -= n_spec
                     i += 1
                     continue
@@ -250,7 +248,6 @@ class Scheduler:
                 preempted.add(req.request_id)
                 continue
             self._add_to_output(out, req, num_new, new_ids)
-            scheduled.append(req)
             budget -= num_new
             i += 1
 
@@ -388,17 +385,7 @@ class Scheduler:
             req.all_token_ids.append(token)
             if req.first_token_time is None:
                 req.first_token_time = now = now or time.monotonic()
-            num_out = len(req.all_token_ids) - len(req.prompt_token_ids)
-            params = req.sampling_params
-            finish = None
-            if num_out >= params.min_tokens and (req.eos_token_ids or params.stop_token_ids):
-                if not params.ignore_eos and token in req.eos_token_ids:
-                    finish = RequestStatus.FINISHED_STOPPED
-                elif token in params.stop_token_ids:
-                    finish = RequestStatus.FINISHED_STOPPED
-                    req.stop_reason = token
-            if finish is None and (num_out >= req.max_tokens or len(req.all_token_ids) >= max_model_len):
-                finish = RequestStatus.FINISHED_LENGTH_CAPPED
+            finish = self._stop_status(req, token, max_model_len)
             upd = RequestUpdate(
                 rid,
                 [token],
@@ -419,6 +406,21 @@ class Scheduler:
             self.running = [r for r in self.running if not r.is_finished]
         return updates
 
+    @staticmethod
+    def _stop_status(req: Request, token: int, max_model_len: int) -> RequestStatus | None:
+        """The finished status ``req`` reaches with ``token`` just appended (EOS, a stop id, a length), or None."""
+        num_out = len(req.all_token_ids) - len(req.prompt_token_ids)
+        params = req.sampling_params
+        if num_out >= params.min_tokens and (req.eos_token_ids or params.stop_token_ids):
+            if not params.ignore_eos and token in req.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if num_out >= req.max_tokens or len(req.all_token_ids) >= max_model_len:
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        return None
+
     def _update_verified(
         self, req: Request, out: SchedulerOutput, i: int, tokens: list[int], logprobs: list | None
     ) -> RequestUpdate:
@@ -433,23 +435,13 @@ class Scheduler:
         req.num_computed_tokens -= num_drafts - num_accepted
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        params = req.sampling_params
         max_model_len = self.config.max_model_len
         finish = None
-        num_out = len(req.all_token_ids) - len(req.prompt_token_ids)
         emitted = 0
         for token in tokens:
             req.all_token_ids.append(token)
             emitted += 1
-            num_out += 1
-            if num_out >= params.min_tokens and (req.eos_token_ids or params.stop_token_ids):
-                if not params.ignore_eos and token in req.eos_token_ids:
-                    finish = RequestStatus.FINISHED_STOPPED
-                elif token in params.stop_token_ids:
-                    finish = RequestStatus.FINISHED_STOPPED
-                    req.stop_reason = token
-            if finish is None and (num_out >= req.max_tokens or len(req.all_token_ids) >= max_model_len):
-                finish = RequestStatus.FINISHED_LENGTH_CAPPED
+            finish = self._stop_status(req, token, max_model_len)
             if finish is not None:
                 break
         upd = RequestUpdate(
