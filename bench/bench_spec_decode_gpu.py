@@ -1,0 +1,152 @@
+"""Speculative decoding on the GPU: a Llama-3.1-8B-shaped target, a Llama-3.2-1B-shaped draft of the same
+vocabulary, random bf16 weights, greedy, batch 1 and batch 32.
+
+    python bench/bench_spec_decode_gpu.py --out bench/results/spec_decode_h200.json
+
+Random weights make the draft and the target disagree on nearly every token, so acceptance is ~0: what this
+measures is the *cost* side of speculation on this card, the overhead bound. For each method it records the
+time of one verification step (k + 1 tokens per request through the target, plus the draft's k forward
+steps or the n-gram lookup) against a plain decode step, and from those the speed-up that the acceptance
+measured on the real SmolLM2 model (bench/results/spec_decode_smollm2_cpu.json) would give here:
+    speed-up = E[tokens per verification] * t_decode / t_verify.
+Prompts repeat a random 32-token phrase, so prompt lookup always finds a match and proposes a full k (all of
+it then rejected): the worst case for n-gram overhead. Outputs with speculation are checked token for token
+against the run without it (lossless, on the GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from gpu_common import LLAMA_8B, environment, measure_ceilings, write_random_llama
+
+LLAMA_1B = dict(
+    LLAMA_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8,
+    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+)
+
+
+def make_prompts(n: int, vocab: int, seed: int, phrase: int = 32, repeats: int = 8) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(10, vocab - 10, phrase).tolist() * repeats) for _ in range(n)]
+
+
+def run(llm, prompts, max_tokens: int) -> tuple[list[list[int]], float, int]:
+    from pagedserve.runtime import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    dt = time.perf_counter() - t0
+    return [list(o.outputs[0].token_ids) for o in outs], dt, llm.last_stats["steps"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target-dir", default="/tmp/llama8b")
+    ap.add_argument("--draft-dir", default="/tmp/llama1b")
+    ap.add_argument("--ngram-k", type=int, default=4, help="4: the k of the SmolLM2 ngram record")
+    ap.add_argument("--draft-k", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--cpu-results", default=os.path.join(os.path.dirname(__file__), "results",
+                                                          "spec_decode_smollm2_cpu.json"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    result = {"env": environment(), "target_shape": LLAMA_8B, "draft_shape": LLAMA_1B, "args": vars(args)}
+    result["ceilings"] = measure_ceilings()
+    for path, shape in ((args.target_dir, LLAMA_8B), (args.draft_dir, LLAMA_1B)):
+        if not os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+            t0 = time.perf_counter()
+            write_random_llama(path, shape)
+            print(f"wrote {path} in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    from pagedserve.runtime import LLM
+
+    k, dk = args.ngram_k, args.draft_k
+    configs = [
+        ("baseline", None),
+        (f"ngram_k{k}", {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2,
+                         "prompt_lookup_max": 4}),
+        (f"draft_k{dk}", {"method": "draft_model", "model": args.draft_dir, "num_speculative_tokens": dk}),
+    ]
+    batches = [int(b) for b in args.batches.split(",")]
+    vocab = LLAMA_8B["vocab_size"]
+    reference: dict[int, list] = {}
+    rows: dict[str, dict] = {}
+    for name, spec in configs:
+        t0 = time.perf_counter()
+        llm = LLM(args.target_dir, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.85,
+                  max_num_seqs=64, speculative_config=spec)
+        print(f"{name}: loaded in {time.perf_counter() - t0:.0f}s", flush=True)
+        run(llm, make_prompts(2, vocab, seed=99), 8)  # warm-up
+        for bs in batches:
+            prompts = make_prompts(bs, vocab, seed=bs)
+            stats0 = llm.engine.spec_stats.as_dict() if spec else None
+            ids, secs, steps = run(llm, prompts, args.max_tokens)
+            n = sum(len(x) for x in ids)
+            e = {"batch_size": bs, "output_tokens": n, "seconds": round(secs, 4),
+                 "output_tok_per_s": round(n / secs, 1), "steps": steps, "ms_per_step": round(1e3 * secs / steps, 3)}
+            if spec:
+                s1 = llm.engine.spec_stats.as_dict()
+                d = {key: s1[key] - stats0[key] for key in ("spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+                                                             "spec_decode_num_accepted_tokens")}
+                e.update(d)
+                e["acceptance_rate"] = (d["spec_decode_num_accepted_tokens"] / d["spec_decode_num_draft_tokens"]
+                                        if d["spec_decode_num_draft_tokens"] else 0.0)
+                e["outputs_identical_to_baseline"] = ids == reference[bs]
+                base = rows["baseline"][str(bs)]
+                e["speedup_vs_baseline"] = round(e["output_tok_per_s"] / base["output_tok_per_s"], 3)
+                # All drafts rejected: one verification step produces one token, so its time is the step time,
+                # and speculation pays once a verification yields more tokens than this ratio (break-even).
+                e["verify_step_over_decode_step"] = round(e["ms_per_step"] / base["ms_per_step"], 3)
+                e["break_even_tokens_per_verification"] = e["verify_step_over_decode_step"]
+            else:
+                reference[bs] = ids
+            rows.setdefault(name, {})[str(bs)] = e
+            print(f"{name:10s} batch {bs:2d}: {e['output_tok_per_s']:8.1f} tok/s, {e['ms_per_step']:.2f} ms/step"
+                  + (f", acceptance {e['acceptance_rate']:.3f}, identical={e['outputs_identical_to_baseline']}"
+                     if spec else ""), flush=True)
+        llm.engine.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    result["results"] = rows
+    # Projection with the real model's n-gram acceptance (SmolLM2 on CPU, same k).
+    proj = {}
+    if os.path.exists(args.cpu_results):
+        with open(args.cpu_results) as f:
+            cpu = json.load(f)
+        real = {}
+        for bs, r in cpu.get("results", {}).get(f"ngram_k{k}", {}).items():
+            real[f"ngram_k{k}", bs] = r.get("mean_acceptance_length")
+        for (name, bs), mal in real.items():
+            if mal and name in rows and bs in rows[name]:
+                ratio = rows[name][bs]["verify_step_over_decode_step"]
+                proj[f"{name}/batch{bs}"] = {"mean_tokens_per_verification_real_model": mal,
+                                             "verify_over_decode": ratio, "projected_speedup": round(mal / ratio, 3)}
+    result["projection"] = proj
+    print("\n| method | batch | tok/s | ms/step | verify/decode step | acceptance | identical |")
+    print("|---|---|---|---|---|---|---|")
+    for name, per in rows.items():
+        for bs, e in per.items():
+            print(f"| {name} | {bs} | {e['output_tok_per_s']:.0f} | {e['ms_per_step']:.2f} | "
+                  f"{e.get('verify_step_over_decode_step', 1.0)} | {e.get('acceptance_rate', '-')} | "
+                  f"{e.get('outputs_identical_to_baseline', '-')} |")
+    for key, p in proj.items():
+        print(f"projection {key}: {p}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
