@@ -164,6 +164,13 @@ class AutoscalingSpec(Model):
     target_kv_cache_usage: float = Field(0.8, gt=0, le=1, description="KV-cache use per replica, 0..1.")
     scale_up_stabilization_seconds: int = Field(0, ge=0, le=3600)
     scale_down_stabilization_seconds: int = Field(300, ge=0, le=86400)
+    # Knative's bounds on its stable window are 5 s..1 h; ours starts at the 6 s panic window, which must fit in it.
+    stable_window_seconds: int = Field(
+        60,
+        ge=6,
+        le=3600,
+        description="Load is averaged over this window (Knative's stable window); panic mode lasts as long.",
+    )
     allowed_tensor_parallel_sizes: list[int] = empty_list(
         max_length=4,
         json_schema_extra=rules(("self.all(d, d in [1, 2, 4, 8])", "allowed TP degrees must be among 1, 2, 4, 8")),
@@ -176,6 +183,19 @@ class AutoscalingSpec(Model):
     )
     num_attention_heads: int | None = Field(None, ge=1, le=4096, description="The model's query heads (config.json).")
     tensor_parallel_cooldown_seconds: int = Field(900, ge=0, le=86400, description="Least time between TP changes.")
+    tensor_parallel_up_window_seconds: int = Field(
+        120,
+        ge=0,
+        le=86400,
+        description="How long replicas must stay exhausted with KV use above target and requests queueing "
+        "before the TP degree steps up.",
+    )
+    tensor_parallel_down_window_seconds: int = Field(
+        1800,
+        ge=0,
+        le=604800,
+        description="How long load must stay low at minReplicas before the TP degree steps down.",
+    )
 
 
 class RolloutSpec(Model):

@@ -8,7 +8,7 @@ simulated time.
 
 Replicas follow the Horizontal Pod Autoscaler's ratio rule per signal (desired = ceil(ready * observed /
 target), the larger signal wins, ratios within the tolerance band count as on target) averaged over
-Knative KPA's windows: a 60 s stable window, and a 6 s panic window whose demand at 2x the ready
+Knative KPA's windows: a stable window (60 s by default), and a 6 s panic window whose demand at 2x the ready
 replicas scales up at once and forbids scaling down until a stable window has passed calmly. Scale-up
 and scale-down have their own stabilisation windows (the smallest recommendation of the up-window, the
 largest of the down-window: fast up, slow down), a cooldown after any change before scaling down, and
@@ -17,8 +17,9 @@ remaining replicas (llm-d's WVA simulates the redistribution the same way); if t
 over target, fewer are removed. Missing or stale metrics hold everything.
 
 The TP degree steps up among the allowed degrees when replicas are exhausted (at maxReplicas, or the
-GPU budget) while KV-cache use stays pinned above target with requests queueing, or at once when pods
-die out of memory; it steps down after load has stayed low for a long window at minReplicas. Every
+GPU budget) while KV-cache use stays pinned above target with requests queueing for the up-window (120 s
+by default), or at once when pods die out of memory; it steps down after load has stayed low for the
+down-window (30 min by default) at minReplicas. Every
 degree must split the model's KV heads evenly (or be a multiple of them: heads are then replicated), a
 blue/green switch needs both generations' GPUs within the budget, and changes are spaced by a cooldown.
 """

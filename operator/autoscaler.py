@@ -81,12 +81,15 @@ def policy_from_spec(spec: LLMDeploymentSpec) -> Policy:
         scale_up_stabilization_s=a.scale_up_stabilization_seconds,
         scale_down_stabilization_s=a.scale_down_stabilization_seconds,
         scale_down_cooldown_s=a.scale_down_stabilization_seconds,
+        stable_window_s=a.stable_window_seconds,
         tensor_parallel_size=spec.tensor_parallel_size,
         allowed_tp=tuple(a.allowed_tensor_parallel_sizes),
         gpu_budget=a.gpu_budget,
         num_kv_heads=a.num_key_value_heads,
         num_attention_heads=a.num_attention_heads,
         tp_cooldown_s=a.tensor_parallel_cooldown_seconds,
+        tp_up_window_s=a.tensor_parallel_up_window_seconds,
+        tp_down_window_s=a.tensor_parallel_down_window_seconds,
     )
 
 

@@ -17,7 +17,7 @@ import pytest_asyncio
 from operator_harness import DEPLOYMENTS, LLMD, NS, Cluster, eventually, load_yaml
 from operator_thread import OperatorThread
 
-from pagedserve.operator import autoscaler, metrics
+from pagedserve.operator import metrics
 from pagedserve.operator.prometheus import PodMetrics
 
 pytestmark = pytest.mark.asyncio
@@ -122,14 +122,13 @@ async def test_stale_metrics_hold_and_say_so(cluster: Cluster, scaled) -> None:
                                   if c["type"] == "ScalingActive")["status"] == "True")
 
 
-async def test_tp_steps_up_when_replicas_are_exhausted(cluster: Cluster, scaled, monkeypatch) -> None:
+async def test_tp_steps_up_when_replicas_are_exhausted(cluster: Cluster, scaled) -> None:
     _, fake = scaled
-    # No 2-minute pressure window in a test: the policy's timing is tested on its own.
-    monkeypatch.setattr(autoscaler, "policy_from_spec",
-                        lambda spec, f=autoscaler.policy_from_spec: replace(f(spec), tp_up_window_s=0))
+    # No 2-minute pressure window in a test (the spec sets it to 0): the policy's timing is tested on its own.
     fake.waiting, fake.kv = 6.0, 0.95
     await ready(cluster, autoscaled_manifest(maxReplicas=1, allowedTensorParallelSizes=[1, 2], gpuBudget=4,
-                                             numKeyValueHeads=3, numAttentionHeads=9))
+                                             numKeyValueHeads=3, numAttentionHeads=9,
+                                             tensorParallelUpWindowSeconds=0))
     # SmolLM2-135M's 3 KV heads split neither 2 ways nor replicate 2 ways: no TP change.
     await eventually(lambda: cluster.get(LLMD, "smollm2")["status"]["autoscaler"]["lastDecisionReason"]
                      == "AtMaxReplicas")

@@ -349,3 +349,57 @@ def test_no_tp_change_during_a_tp_rollout() -> None:
     policy = tp_policy(tp_up_window_s=0)
     d = decide(policy, ScalerState(), obs(0.0, 4, 20, 0.95, tp_rollout_in_progress=True))
     assert d.action == "hold"
+
+
+# ------------------------------------------------------------------------- windows set from the spec
+
+
+def calm_then_pinned(t: float, r: int) -> tuple[float, float]:
+    """Calm (nothing waiting, KV at 0.5) until t=100, then pinned (20 waiting, KV at 0.95) from t=100 on."""
+    return (0.0, 0.5 * r) if t < 100 else pinned(t, r)
+
+
+TP_UP_WINDOWS = [
+    # (stable window, up-window, pressure from, tp_up at). Pressure needs every sample of the stable window
+    # (t - stable, t] pinned; the last calm one is at t=95, so it starts at the first 5 s tick >= 95 + stable.
+    # The step comes at the first tick at least `up-window` after that.
+    (6, 0, 105, 105),  # at t=100 the 6 s window still holds t=95's calm sample
+    (6, 15, 105, 120),
+    (6, 17, 105, 125),  # 17 s of pressure are first seen 20 s in
+    (10, 30, 105, 135),
+    (20, 30, 115, 145),
+    (60, 0, 155, 155),
+    (60, 120, 155, 275),  # the defaults
+]
+
+
+@pytest.mark.parametrize("stable, up_window, pressure_from, step_at", TP_UP_WINDOWS)
+def test_tp_up_window_and_stable_window(stable: float, up_window: float, pressure_from: float,
+                                        step_at: float) -> None:
+    # min = max = 4: the calm phase scales nothing down; no budget: minReplicas 4 holds at TP 2 as well.
+    policy = tp_policy(min_replicas=4, gpu_budget=None, stable_window_s=stable, tp_up_window_s=up_window)
+    decisions, _, _ = drive(policy, calm_then_pinned, 400, replicas=4)
+    i = next(i for i, d in enumerate(decisions) if d.action == "tp_up")
+    assert i * TICK == step_at, [d.reason for d in decisions[: i + 1]]
+    assert (decisions[i].tensor_parallel_size, decisions[i].replicas, decisions[i].reason) == (2, 4, "ReplicasExhausted")
+    assert f"waiting for {step_at - pressure_from:.0f}s" in decisions[i].message
+    assert all(d.action == "hold" for d in decisions[:i])
+
+
+TP_DOWN_WINDOWS = [
+    # (down-window, time of the tp_down): low load from the first tick, so the clock starts at t=0.
+    (0, 0),
+    (300, 300),
+    (302, 305),
+    (1800, 1800),
+]
+
+
+@pytest.mark.parametrize("down_window, step_at", TP_DOWN_WINDOWS)
+def test_tp_down_window(down_window: float, step_at: float) -> None:
+    policy = tp_policy(tensor_parallel_size=2, tp_down_window_s=down_window)
+    quiet = lambda t, r: (0.0, 0.1)  # noqa: E731  0.1 at TP 2 -> 0.2 at TP 1 <= 0.6 x 0.8
+    decisions, _, _ = drive(policy, quiet, 2000, replicas=1)
+    i = next(i for i, d in enumerate(decisions) if d.action == "tp_down")
+    assert i * TICK == step_at
+    assert (decisions[i].tensor_parallel_size, decisions[i].reason) == (1, "SustainedLowLoad")
