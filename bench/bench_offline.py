@@ -97,6 +97,49 @@ def batch1_latency(llm, vocab, prompt_len=512, short=16, long=144):
     return {"itl_ms": itl * 1e3, "ttft_s": t_short - itl * (short - 1), "prompt_len": prompt_len}
 
 
+def check_async(llm, vocab: int) -> dict:
+    """Async scheduling on the GPU: host synchronisations inside async decode steps (torch's sync debug
+    mode), and greedy outputs with async scheduling on vs off on the same engine."""
+    import warnings
+
+    from pagedserve.runtime import SamplingParams
+
+    eng = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    prompts = prompts_for([(200, 0)] * 32, vocab, seed=11)
+    res = {"async_scheduling": eng.async_scheduling}
+    outs = {}
+    for mode in (True, False):
+        eng.async_scheduling = mode
+        got = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        outs[mode] = [list(o.outputs[0].token_ids) for o in got]
+    eng.async_scheduling = res["async_scheduling"]
+    res["outputs_identical_async_vs_sync"] = sum(a == b for a, b in zip(outs[True], outs[False], strict=True))
+    res["first_difference_per_request"] = [
+        next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        for a, b in zip(outs[True], outs[False], strict=True)
+    ]
+    for i, p in enumerate(prompts_for([(300, 0)] * 64, vocab, seed=12)):
+        eng.add_request(eng.make_request(f"sync{i}", p, params))
+    for _ in range(4):  # past the prefill
+        eng.step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(10):
+                eng.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    while eng.has_unfinished():
+        eng.step()
+    msgs = [str(w.message).splitlines()[0] for w in caught]
+    res["sync_warnings_in_10_decode_steps"] = len(msgs)
+    res["sync_warning_kinds"] = sorted(set(msgs))[:10]
+    return res
+
+
 def profile_steps(llm, vocab, batch: int, ctx: int, steps: int = 5) -> list:
     """Kernel-level time of a few pure-decode steps at a given batch and context (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -179,6 +222,9 @@ def main():
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--profile", action="store_true", help="torch-profile a few decode steps")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
+    ap.add_argument("--async-scheduling", choices=["auto", "off"], default="auto")
+    ap.add_argument("--check-async", action="store_true", help="host syncs and outputs, async on vs off")
+    ap.add_argument("--also-sync", action="store_true", help="run workload a again with async scheduling off")
     args = ap.parse_args()
 
     shape = dict(LLAMA_8B)
@@ -200,7 +246,7 @@ def main():
     max_len = 2048
     llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=max_len, gpu_memory_utilization=0.9,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, async_scheduling=None if args.async_scheduling == "auto" else False)
     result["load_s"] = time.perf_counter() - t0
     kv_tokens = llm.engine.kv.num_blocks * llm.engine.kv.block_size
     result["kv_capacity_tokens"] = kv_tokens
@@ -215,17 +261,29 @@ def main():
         result["profile"] = [profile_steps(llm, vocab, b, c) for b, c in ((256, 800), (64, 800))]
     print(f"batch-1: ITL {lat['itl_ms']:.2f} ms = {lat['weights_GBps']:.0f} GB/s of weights "
           f"({lat['fraction_of_copy_bw']:.0%} of copy), TTFT {lat['ttft_s'] * 1e3:.0f} ms", flush=True)
+    if args.check_async:
+        result["async_check"] = check_async(llm, vocab)
+        print(f"async check: {result['async_check']}", flush=True)
+    result["async_scheduling"] = llm.engine.async_scheduling
     result["workloads"] = {}
-    for name in args.workloads.split(","):
+    names = args.workloads.split(",") + (["a_sync"] if args.also_sync else [])
+    for name in names:
+        llm.engine.async_scheduling = result["async_scheduling"] and name != "a_sync"
+        if name == "a_sync":
+            name = "a"
+            key = "a_sync"
+        else:
+            key = name
         lens = workload(name, args.num_a if name == "a" else args.num_b)
         avg_len = np.mean([i + o for i, o in lens])
         concurrency = int(min(args.max_num_seqs, kv_tokens // avg_len))
         rl = roofline(lens, shape, concurrency, ceil)
+        llm.engine.kv.reset_prefix_cache()  # each workload starts cold (a_sync repeats a's prompts)
         r = run_ours(llm, lens, vocab)
         r["roofline"] = rl
         r["fraction_of_roofline"] = rl["t_floor_s"] / r["elapsed_s"]
-        result["workloads"][name] = r
-        print(f"workload {name}: {len(lens)} reqs, {r['output_tok_per_s']:.0f} out tok/s in {r['elapsed_s']:.1f}s; "
+        result["workloads"][key] = r
+        print(f"workload {key}: {len(lens)} reqs, {r['output_tok_per_s']:.0f} out tok/s in {r['elapsed_s']:.1f}s; "
               f"roofline {rl['output_tok_per_s_ceiling']:.0f} ({rl['bound']}-bound) -> "
               f"{r['fraction_of_roofline']:.0%}", flush=True)
         for k, v in r["step_summary"].items():

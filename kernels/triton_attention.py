@@ -44,7 +44,12 @@ def _kv_tile_offsets(block_table_row, tok, tok_mask, stride_b, stride_t, PAGE_SI
     return page * stride_b + (tok % PAGE_SIZE) * stride_t
 
 
-@triton.jit
+# Integer arguments that change from step to step (split sizes, block-table widths, tile counts) are not
+# specialised: Triton would otherwise compile a variant for each of "== 1", "divisible by 16" and "other"
+# of every such value, in the middle of serving (about a second each; seen on an H200 as 2x slower
+# prefill steps and a draft model 13x slower than its kernels). Constexpr variants stay, and
+# ModelRunner.warm_up compiles them before the first request.
+@triton.jit(do_not_specialize=["partition_size", "stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -116,7 +121,7 @@ def _decode_kernel(
         tl.store(part_lse_ptr + part // HEAD_DIM, lse, mask=head_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
     query_start_loc_ptr, part_out_ptr, part_lse_ptr, out_ptr,
     num_splits, stride_ps, stride_ph, stride_ot, stride_oh,
@@ -171,7 +176,7 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m_blocks", "stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
     qk_scale, group, num_m_blocks,

@@ -40,6 +40,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     speculative_config: dict | None = None
+    # Schedule step N+1 while step N runs on the device (sampled ids stay there; the host copy is waited for
+    # after N+1 is launched). None: on with CUDA, tensor_parallel_size 1 and no speculative decoding.
+    async_scheduling: bool | None = None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
@@ -110,6 +113,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.proposer = self._make_proposer(self.spec_config)
         self.eos_token_ids = self.source.eos_token_ids
+        self.async_scheduling = self._resolve_async_scheduling(args)
+        self._inflight: tuple = ()  # (SchedulerOutput, DeferredOutput) of the step still on the device
         self.vocab_size = cfg.vocab_size
         self.load_time_s = time.monotonic() - t0
         self.last_step_shape = (0, 0)  # (requests, tokens) of the last step
@@ -124,6 +129,16 @@ class EngineCore:
             self.device, capacity, num_blocks, args.block_size, capacity * per_tok / 2**30,
             self.max_model_len, capacity / self.max_model_len,
         )
+
+    def _resolve_async_scheduling(self, args: EngineArgs) -> bool:
+        if args.async_scheduling is None:
+            return self.device.type == "cuda" and args.tensor_parallel_size == 1 and self.spec_config is None
+        if args.async_scheduling and (args.tensor_parallel_size != 1 or self.spec_config is not None):
+            raise ValueError(
+                "async_scheduling: not supported with tensor_parallel_size > 1 or speculative decoding "
+                "(their steps need the previous step's tokens on the host)"
+            )
+        return bool(args.async_scheduling)
 
     @staticmethod
     def _resolve_max_model_len(cfg, requested: int | None) -> int:
@@ -203,7 +218,8 @@ class EngineCore:
             self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests remain, or a step is still on the device (its outputs come with the next step)."""
+        return self.scheduler.has_unfinished() or bool(self._inflight)
 
     def check_health(self) -> None:
         """Raise if the engine can no longer serve (a tensor-parallel worker died); cheap, for liveness probes
@@ -220,6 +236,13 @@ class EngineCore:
 
     # ----------------------------------------------------------------------------- the step
     def step(self) -> list[RequestUpdate]:
+        """One step; returns what it produced. With async scheduling, what the *previous* step produced:
+        this step is scheduled and launched first, then the previous one's tokens are read back."""
+        overlap = self.async_scheduling and self.scheduler.num_host_sync_requests == 0
+        if self._inflight and not overlap:
+            return self._finish_inflight()  # a request needs every token on the host: drain first
+        if overlap:
+            return self._step_async()
         sched_out = self.scheduler.schedule()
         self.last_step_shape = (len(sched_out.req_ids), sched_out.total_num_scheduled_tokens)
         if sched_out.is_empty:
@@ -233,6 +256,25 @@ class EngineCore:
         if self.proposer is not None:
             self._propose()
         return updates
+
+    def _step_async(self) -> list[RequestUpdate]:
+        sched_out = self.scheduler.schedule(async_mode=True)
+        self.last_step_shape = (len(sched_out.req_ids), sched_out.total_num_scheduled_tokens)
+        pending = None
+        if not sched_out.is_empty:
+            pending = self.runner.execute(sched_out, deferred=True)
+        elif sched_out.finished_req_ids:
+            self.runner.execute(sched_out)
+        updates = self._finish_inflight() if self._inflight else []
+        if pending is not None:
+            self._inflight = (sched_out, pending)
+        return updates
+
+    def _finish_inflight(self) -> list[RequestUpdate]:
+        sched_out, pending = self._inflight
+        self._inflight = ()
+        out = pending.get()
+        return self.scheduler.update(sched_out, out.sampled_token_ids)
 
     def _propose(self) -> None:
         """Draft tokens for every request whose next step is a decode (the scheduler trims them to fit)."""

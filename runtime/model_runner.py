@@ -18,7 +18,7 @@ from pagedserve.runtime.layers import AttentionMetadata
 from pagedserve.runtime.models import get_model_class
 from pagedserve.runtime.parallel import SINGLE, TPGroup
 from pagedserve.runtime.rejection_sampler import VerifiedTokens, verify_drafts
-from pagedserve.runtime.sampler import Sampler, SamplingRow, compute_logprobs, suppressed_token_ids
+from pagedserve.runtime.sampler import Sampler, SamplingRow, compute_logprobs, suppressed_token_ids, to_device
 from pagedserve.runtime.sampling_params import SamplingParams
 from pagedserve.runtime.scheduler import SchedulerOutput
 
@@ -63,12 +63,54 @@ class ModelRunnerOutput:
     verified: dict[int, VerifiedTokens] | None = None
 
 
+class DeferredOutput:
+    """A step's sampled tokens still on their way from the device (async scheduling): a non-blocking copy
+    into pinned memory and an event; ``get()`` waits for that event only, never for later steps."""
+
+    def __init__(self, device_ids: torch.Tensor, sample_idx: list[int], states: list, num_reqs: int) -> None:
+        self.sample_idx = sample_idx
+        self.states = states
+        self.num_reqs = num_reqs
+        self.event = None
+        if device_ids.device.type == "cuda":
+            self.host = torch.empty(device_ids.shape, dtype=device_ids.dtype, pin_memory=True)
+            self.host.copy_(device_ids, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = device_ids
+
+    def get(self) -> ModelRunnerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        ids = self.host.tolist()
+        sampled = [-1] * self.num_reqs
+        states = self.states
+        for j, i in enumerate(self.sample_idx):
+            sampled[i] = ids[j]
+            states[i].output_token_ids.append(ids[j])
+        return ModelRunnerOutput(sampled, None, None)
+
+
 def kv_bytes_per_token(hf_config, dtype: torch.dtype, tp: TPGroup) -> int:
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     kv_heads_per_rank = max(1, kv_heads // tp.size)
     elem = torch.tensor([], dtype=dtype).element_size()
     return 2 * hf_config.num_hidden_layers * kv_heads_per_rank * head_dim * elem
+
+
+def warm_up_cases(max_num_batched_tokens: int, max_model_len: int) -> list[tuple[int, int]]:
+    """(query length, sequence length) pairs that reach every constexpr variant of the attention kernels:
+    the prefill tile classes (query length <= 16, <= 4096, above; kernels/triton_attention.py ``_config``)
+    and decode with one split and with each power-of-two count of splits (256-token minimum partition)."""
+    cases = [(q, q) for q in (2, 17, 4097) if q <= min(max_num_batched_tokens, max_model_len)]
+    seq_len = 256
+    while seq_len < max_model_len:
+        cases.append((1, seq_len))
+        seq_len *= 2
+    cases.append((1, max_model_len))
+    return cases
 
 
 class ModelRunner:
@@ -111,6 +153,10 @@ class ModelRunner:
         self.free_rows = list(range(self.max_rows - 1, -1, -1))
         self.num_blocks = 0
         self.graphs = None
+        # Async scheduling: the last step's sampled ids on the device, and each sampled request's index in
+        # them, for the next step's placeholder inputs (-1: "the token this request sampled last step").
+        self._prev_sampled: torch.Tensor | None = None
+        self._prev_index: dict[str, int] = {}
         self.drafter = None  # a DraftModel when speculative decoding uses one; set before sizing the KV pool
 
     # ----------------------------------------------------------------------------- KV cache
@@ -161,6 +207,41 @@ class ModelRunner:
             self.kv_caches.append((attn.k_cache, attn.v_cache))
         if self.drafter is not None:
             self.drafter.allocate_kv_cache(num_blocks, self.block_size)
+        if self.device.type == "cuda":
+            self.warm_up()
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile every attention-kernel variant serving can meet, before the first request: one forward per
+        prefill tile class and per decode split-count class (the kernels' constexpr variants), on block 0
+        of the fresh cache with no KV written. Without it the first requests pay about a second per variant
+        (measured on an H200: workload (a)'s prefill steps took 369 ms instead of 197)."""
+        import time
+
+        t0 = time.monotonic()
+        cases = warm_up_cases(self.scheduler_config.max_num_batched_tokens, self.scheduler_config.max_model_len)
+        models = [self.model] + ([self.drafter.model] if self.drafter is not None else [])
+        for model in models:
+            for q_len, seq_len in cases:
+                model(*self._warm_up_inputs(q_len, seq_len))
+        torch.cuda.synchronize(self.device)
+        logger.info("compiled attention kernels for %d shapes in %.1fs", len(cases) * len(models),
+                    time.monotonic() - t0)
+
+    def _warm_up_inputs(self, q_len: int, seq_len: int):
+        dev = self.device
+        width = -(-seq_len // self.block_size)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((q_len,), -1, dtype=torch.long, device=dev),  # -1: write nothing
+            block_tables=torch.zeros((1, width), dtype=torch.int32, device=dev),  # every page is block 0
+            seq_lens=torch.tensor([seq_len], dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor([0, q_len], dtype=torch.int32, device=dev),
+            max_query_len=q_len,
+            max_seq_len=seq_len,
+        )
+        ids = torch.zeros(q_len, dtype=torch.long, device=dev)
+        positions = torch.arange(seq_len - q_len, seq_len, device=dev)
+        return ids, positions, meta
 
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token slot costs on this rank: the target's, plus the draft model's that shares it."""
@@ -192,7 +273,9 @@ class ModelRunner:
 
     # ----------------------------------------------------------------------------- execute
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, so: SchedulerOutput, deferred: bool = False) -> ModelRunnerOutput | DeferredOutput:
+        """Run one step. ``deferred`` (async scheduling; no drafts, no host-synchronising requests): return
+        before the device finishes, with the sampled ids in a ``DeferredOutput``."""
         for rid in so.finished_req_ids:
             self._remove_request(rid)
         for rid, kept in so.num_blocks_kept.items():  # rejected drafts gave their blocks back
@@ -226,17 +309,23 @@ class ModelRunner:
         block_tables = table[rows]
         slots = block_tables[token_req, positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = starts + num_sched
-        input_ids = [t for ids in so.token_ids for t in ids]
-
         dev = self.device
-        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        ids_np = np.fromiter((t for ids in so.token_ids for t in ids), dtype=np.int64, count=total)
+        ids_t = torch.from_numpy(ids_np).to(dev, non_blocking=True)
+        if so.reqs is not None:
+            placeholders = np.flatnonzero(ids_np < 0)
+            if placeholders.size:  # tokens the previous step sampled, still only on the device
+                prev_index = self._prev_index
+                src = [prev_index[so.req_ids[r]] for r in token_req[placeholders].tolist()]
+                ids_t[torch.from_numpy(placeholders).to(dev, non_blocking=True)] = self._prev_sampled[
+                    to_device(src, torch.long, dev)]
         graphs = self.graphs
         if graphs is not None and int(num_sched.max()) == 1 and graphs.bucket(len(states)) is not None:
             width = int(-(-seq_lens.max() // bs))
             hidden = graphs.run(ids_t, positions, slots, np.ascontiguousarray(block_tables[:, :width]), seq_lens)
         else:
             meta = self._device_meta(slots, block_tables, seq_lens, cu, num_sched)
-            hidden = self.model(ids_t, torch.from_numpy(positions).to(dev), meta)
+            hidden = self.model(ids_t, torch.from_numpy(positions).to(dev, non_blocking=True), meta)
 
         sample_idx = [i for i, s in enumerate(so.do_sample) if s]
         spec = so.spec_token_ids
@@ -256,7 +345,7 @@ class ModelRunner:
             last = cu[1:][sample_idx] - 1
             if spec_idx:  # every scheduled position of a request with drafts: one logit row per draft + 1
                 last = np.concatenate([last, *(np.arange(cu[i], cu[i + 1]) for i in spec_idx)])
-            logits = self.model.compute_logits(hidden.index_select(0, torch.from_numpy(last).to(dev)))
+            logits = self.model.compute_logits(hidden.index_select(0, torch.from_numpy(last).to(dev, non_blocking=True)))
             if logits is None:  # a tensor-parallel rank other than 0: it joined the gather; rank 0 samples
                 return ModelRunnerOutput(sampled, None, None)
             if spec_idx:
@@ -264,6 +353,12 @@ class ModelRunner:
                 for i, (toks, _) in verified.items():
                     sampled[i] = toks[-1]
                 logits = logits[:len(sample_idx)]
+        if deferred:
+            ids = self.sampler.sample_ids(logits, [states[i].row_for_sampling() for i in sample_idx]) if sample_idx \
+                else torch.empty(0, dtype=torch.long, device=dev)
+            self._prev_sampled = ids
+            self._prev_index = {so.req_ids[i]: j for j, i in enumerate(sample_idx)}
+            return DeferredOutput(ids, sample_idx, states, len(states))
         if sample_idx:
             rows_in = [states[i].row_for_sampling() for i in sample_idx]
             out = self.sampler(logits, rows_in)
@@ -294,9 +389,9 @@ class ModelRunner:
         width = int(-(-seq_lens.max() // self.block_size))
         return AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(np.ascontiguousarray(block_tables[:, :width])).to(dev),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
-            query_start_loc=torch.from_numpy(cu.astype(np.int32)).to(dev),
+            block_tables=torch.from_numpy(np.ascontiguousarray(block_tables[:, :width])).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(cu.astype(np.int32)).to(dev, non_blocking=True),
             max_query_len=int(num_sched.max()),
             max_seq_len=int(seq_lens.max()),
         )

@@ -60,6 +60,7 @@ class Request:
         "first_scheduled_time",
         "first_token_time",
         "spec_token_ids",
+        "num_pending",
     )
 
     def __init__(
@@ -90,6 +91,10 @@ class Request:
         self.first_token_time: float | None = None
         # Proposed next tokens awaiting verification; never part of all_token_ids before they are accepted.
         self.spec_token_ids: list[int] = []
+        # Async scheduling: tokens sampled by steps still running on the device, not yet in all_token_ids.
+        # Their positions are already counted in num_computed_tokens; a step that needs one as input gets
+        # a placeholder (-1) that the runner fills from the device.
+        self.num_pending = 0
 
     @property
     def num_prompt_tokens(self) -> int:

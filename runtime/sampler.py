@@ -15,6 +15,13 @@ import torch
 from pagedserve.runtime.sampling_params import SamplingParams
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a host synchronisation (``torch.tensor(..., device=)``
+    waits for the device; a non-blocking copy from pageable memory is staged and returns at once)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.to(device, non_blocking=True) if device.type != "cpu" else t
+
+
 def suppressed_token_ids(params: SamplingParams, num_outputs: int, eos_token_ids: tuple[int, ...]) -> list[int]:
     """Token ids masked while fewer than ``min_tokens`` outputs exist: stop ids, and EOS unless ignored."""
     if num_outputs >= params.min_tokens:
@@ -26,7 +33,7 @@ def warped_probs(logits: torch.Tensor, rows: list, temperatures: list[float]) ->
     """Temperature, then top-k/top-p, softmax, then min-p: the distribution each row samples from
     (unnormalised after min-p; callers that need a distribution renormalise)."""
     device = logits.device
-    temps = torch.tensor(temperatures, dtype=logits.dtype, device=device)
+    temps = to_device(temperatures, logits.dtype, device)
     scaled = logits / temps.unsqueeze(1)
     top_ks = [r.params.top_k for r in rows]
     top_ps = [r.params.top_p for r in rows]
@@ -35,7 +42,7 @@ def warped_probs(logits: torch.Tensor, rows: list, temperatures: list[float]) ->
         scaled = Sampler._top_k_top_p(scaled, top_ks, top_ps)
     probs = torch.softmax(scaled, dim=-1)
     if any(m > 0.0 for m in min_ps):
-        min_p = torch.tensor(min_ps, dtype=probs.dtype, device=device).unsqueeze(1)
+        min_p = to_device(min_ps, probs.dtype, device).unsqueeze(1)
         probs = probs.masked_fill(probs < probs.max(dim=-1, keepdim=True).values * min_p, 0.0)
     return probs
 
@@ -90,17 +97,19 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        logits = logits.float()
-        raw_logits = logits
-        num_rows = len(rows)
-        need_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        logits = self._apply_logit_processors(logits, rows)
+    def sample_ids(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The sampled token ids, left on the device (no host synchronisation)."""
+        logits = self._apply_logit_processors(logits.float(), rows)
         greedy = [r.params.temperature == 0.0 for r in rows]
         if all(greedy):
-            sampled = logits.argmax(dim=-1)
-        else:
-            sampled = self._sample(logits, rows, greedy)
+            return logits.argmax(dim=-1)
+        return self._sample(logits, rows, greedy)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        raw_logits = logits.float()
+        num_rows = len(rows)
+        need_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        sampled = self.sample_ids(raw_logits, rows)
         token_ids = sampled.tolist()
         logprobs: list = [None] * num_rows
         if need_logprobs:
@@ -122,8 +131,8 @@ class Sampler:
             if p.logit_bias:
                 ids = [t for t in p.logit_bias if 0 <= t < self.vocab_size]
                 if ids:
-                    bias = torch.tensor([p.logit_bias[t] for t in ids], dtype=logits.dtype, device=logits.device)
-                    logits[i, ids] += bias
+                    bias = to_device([p.logit_bias[t] for t in ids], logits.dtype, logits.device)
+                    logits[i, to_device(ids, torch.long, logits.device)] += bias
             if p.needs_penalties:
                 logits[i] = self._penalize(logits[i], row)
             if row.suppressed_token_ids:
@@ -158,7 +167,7 @@ class Sampler:
         q = torch.ones_like(probs)
         unseeded = [i for i, r in enumerate(rows) if r.generator is None and not greedy[i]]
         if unseeded:
-            q[unseeded] = torch.empty(
+            q[to_device(unseeded, torch.long, device)] = torch.empty(
                 len(unseeded), probs.shape[1], dtype=probs.dtype, device=device
             ).exponential_(generator=self.generator)
         for i, r in enumerate(rows):
@@ -166,7 +175,7 @@ class Sampler:
                 q[i].exponential_(generator=r.generator)
         sampled = (probs / q).argmax(dim=-1)
         if any(greedy):
-            mask = torch.tensor(greedy, device=device)
+            mask = to_device(greedy, torch.bool, device)
             sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
         return sampled
 
@@ -175,10 +184,10 @@ class Sampler:
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
         vocab = logits.shape[1]
         device = logits.device
-        k = torch.tensor([kk if kk > 0 else vocab for kk in top_ks], device=device).clamp(max=vocab)
+        k = to_device([kk if kk > 0 else vocab for kk in top_ks], torch.long, device).clamp(max=vocab)
         ranks = torch.arange(vocab, device=device).unsqueeze(0)
         mask = ranks >= k.unsqueeze(1)
-        p = torch.tensor(top_ps, dtype=logits.dtype, device=device).unsqueeze(1)
+        p = to_device(top_ps, logits.dtype, device).unsqueeze(1)
         probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the token crossing the line is kept).
         cum_before = probs.cumsum(dim=-1) - probs

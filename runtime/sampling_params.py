@@ -44,6 +44,13 @@ class SamplingParams:
         self._validate()
         # Read on every step by the sampler; params are not mutated after construction (clone() re-derives it).
         self.needs_logit_processing = bool(self.logit_bias) or self.needs_penalties
+        # Whether sampling this request needs its previous token on the host (penalties, the min_tokens
+        # mask) or returns host data each step (logprobs): such requests turn async scheduling off while
+        # they run (engine.py).
+        self.needs_host_sync = (
+            self.needs_penalties or self.min_tokens > 0 or self.logprobs is not None
+            or self.prompt_logprobs is not None
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:

@@ -49,6 +49,9 @@ class SchedulerOutput:
     num_blocks_kept: dict[str, int] = field(default_factory=dict)
     total_num_scheduled_tokens: int = 0
     num_preempted: int = 0
+    # Async scheduling: the requests (aligned with req_ids) whose num_computed_tokens this schedule already
+    # advanced, their sampled tokens counted as pending until update(); None when scheduled synchronously.
+    reqs: list[Request] | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -122,12 +125,16 @@ class Scheduler:
         self.num_preemptions = 0
         self.spec_stats: SpecDecodeStats | None = None  # set by the engine when speculative decoding is on
         self._num_blocks_kept: dict[str, int] = {}
+        # Unfinished requests whose sampling needs the host each step (SamplingParams.needs_host_sync).
+        self.num_host_sync_requests = 0
 
     # ----------------------------------------------------------------------------- bookkeeping
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
+        if req.sampling_params.needs_host_sync:
+            self.num_host_sync_requests += 1
         self.waiting.add(req)
 
     def abort_requests(self, req_ids: list[str]) -> list[Request]:
@@ -151,6 +158,8 @@ class Scheduler:
     def _free(self, req: Request) -> None:
         self.kv.free(req)
         del self.requests[req.request_id]
+        if req.sampling_params.needs_host_sync:
+            self.num_host_sync_requests -= 1
         self._finished_since_last_step.append(req.request_id)
 
     @property
@@ -179,8 +188,15 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.add_front(req)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, async_mode: bool = False) -> SchedulerOutput:
+        """The next step. ``async_mode``: the previous step may still be running; its sampled tokens are
+        pending (``Request.num_pending``), inputs that are pending tokens are -1, and this call advances
+        ``num_computed_tokens`` itself (``update`` then only appends tokens)."""
         out = SchedulerOutput(finished_req_ids=self._finished_since_last_step)
+        if async_mode:
+            out.reqs = []
+            add_req = out.reqs.append
+        max_model_len = self.config.max_model_len
         self._finished_since_last_step = []
         if self._num_blocks_kept:
             out.num_blocks_kept = self._num_blocks_kept
@@ -203,7 +219,12 @@ class Scheduler:
             req = running[i]
             start = req.num_computed_tokens
             tokens = req.all_token_ids
-            num_new = len(tokens) - start
+            pending = req.num_pending
+            num_new = len(tokens) + pending - start
+            if pending and (req.num_output_tokens + pending >= req.max_tokens
+                            or len(tokens) + pending >= max_model_len):
+                i += 1  # its pending token ends it by length: nothing more to compute
+                continue
             if num_new == 1 and req.spec_token_ids:
                 n_spec = self._schedule_drafts(out, req, budget)
                 if n_spec:
@@ -217,9 +238,13 @@ class Scheduler:
                     add_id(req.request_id)
                     add_n(1)
                     add_start(start)
-                    add_tokens(tokens[start:])
+                    add_tokens(tokens[start:] or [-1])  # empty: the input is the pending token
                     add_blocks([])
                     add_sample(True)
+                    if async_mode:
+                        add_req(req)
+                        req.num_computed_tokens = end
+                        req.num_pending += 1
                     num_fast += 1
                     budget -= 1
                     i += 1
@@ -265,6 +290,8 @@ class Scheduler:
         now = time.monotonic()
         while len(waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = waiting.peek()
+            if req.num_pending:
+                break  # preempted while its last token was still being sampled: resume once it is known
             hits, num_hit_tokens = kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_hit_tokens
             if long_cap and num_new > long_cap:
@@ -336,10 +363,19 @@ class Scheduler:
         out.num_scheduled_tokens.append(num_new)
         out.num_computed_tokens.append(start)
         end = start + num_new
-        out.token_ids.append(req.all_token_ids[start:end])
+        ids = req.all_token_ids[start:end]
+        if len(ids) < num_new:  # the last input is the pending token (async scheduling)
+            ids.append(-1)
+        out.token_ids.append(ids)
         out.new_block_ids.append(new_ids)
-        out.do_sample.append(end == len(req.all_token_ids))
+        do_sample = end == len(req.all_token_ids) + req.num_pending
+        out.do_sample.append(do_sample)
         out.total_num_scheduled_tokens += num_new
+        if out.reqs is not None:
+            out.reqs.append(req)
+            req.num_computed_tokens = end
+            if do_sample:
+                req.num_pending += 1
 
     # ----------------------------------------------------------------------------- update
     def update(
@@ -363,13 +399,24 @@ class Scheduler:
         now = None
         running = RequestStatus.RUNNING
         append = updates.append
+        step_reqs = out.reqs
         for i, (rid, num_scheduled, do_sample) in enumerate(
             zip(out.req_ids, out.num_scheduled_tokens, out.do_sample, strict=True)
         ):
             req = requests.get(rid)
-            if req is None or req.status != running:
-                continue  # aborted while the step ran
-            req.num_computed_tokens += num_scheduled
+            if step_reqs is None:
+                if req is None or req.status != running:
+                    continue  # aborted while the step ran
+                req.num_computed_tokens += num_scheduled
+            else:  # async: computed tokens were counted at schedule time; settle the pending token
+                if req is not step_reqs[i]:
+                    continue  # finished or aborted while the step ran
+                if do_sample:
+                    req.num_pending -= 1
+                if req.status != running:
+                    if do_sample and req.status == RequestStatus.PREEMPTED:
+                        append(self._append_to_preempted(req, sampled[i]))
+                    continue
             plp = prompt_logprobs.get(rid) if prompt_logprobs else None
             if not do_sample:
                 if plp:
@@ -405,6 +452,22 @@ class Scheduler:
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return updates
+
+    def _append_to_preempted(self, req: Request, token: int) -> RequestUpdate:
+        """Async scheduling: a token sampled by a step that ran while its request was being preempted is
+        the request's next output all the same (the step computed it from valid KV)."""
+        req.all_token_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        upd = RequestUpdate(req.request_id, [token], num_cached_tokens=max(req.num_cached_tokens, 0))
+        finish = self._stop_status(req, token, self.config.max_model_len)
+        if finish is not None:
+            self.waiting.remove(req)
+            req.status = finish
+            upd.finish_reason = finish.finish_reason
+            upd.stop_reason = req.stop_reason
+            self._free(req)
+        return upd
 
     @staticmethod
     def _stop_status(req: Request, token: int, max_model_len: int) -> RequestStatus | None:
