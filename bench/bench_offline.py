@@ -111,6 +111,7 @@ def check_async(llm, vocab: int) -> dict:
     outs = {}
     for mode in (True, False):
         eng.async_scheduling = mode
+        eng.kv.reset_prefix_cache()  # the same prompts twice: the second run must not read cached blocks
         got = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         outs[mode] = [list(o.outputs[0].token_ids) for o in got]
     eng.async_scheduling = res["async_scheduling"]
@@ -266,7 +267,7 @@ def main():
         print(f"async check: {result['async_check']}", flush=True)
     result["async_scheduling"] = llm.engine.async_scheduling
     result["workloads"] = {}
-    names = args.workloads.split(",") + (["a_sync"] if args.also_sync else [])
+    names = [w for w in args.workloads.split(",") if w] + (["a_sync"] if args.also_sync else [])
     for name in names:
         llm.engine.async_scheduling = result["async_scheduling"] and name != "a_sync"
         if name == "a_sync":
