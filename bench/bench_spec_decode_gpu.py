@@ -53,6 +53,40 @@ def run(llm, prompts, max_tokens: int) -> tuple[list[list[int]], float, int]:
     return [list(o.outputs[0].token_ids) for o in outs], dt, llm.last_stats["steps"]
 
 
+def profile_steps(llm, prompt: list[int], name: str) -> None:
+    """Where one step's time goes at batch 1: Python (cProfile) and operators/kernels (torch.profiler)."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from pagedserve.runtime import SamplingParams
+
+    eng = llm.engine
+    eng.add_request(eng.make_request(f"prof-{name}", prompt, SamplingParams(temperature=0.0, max_tokens=40,
+                                                                             ignore_eos=True)))
+    for _ in range(4):
+        eng.step()
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    t0 = time.perf_counter()
+    for _ in range(8):
+        eng.step()
+    torch.cuda.synchronize()
+    pr.disable()
+    print(f"--- {name}: {1e3 * (time.perf_counter() - t0) / 8:.2f} ms/step under cProfile", flush=True)
+    pstats.Stats(pr).sort_stats("cumulative").print_stats(18)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(8):
+            eng.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
+    while eng.has_unfinished():
+        eng.step()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target-dir", default="/tmp/llama8b")
@@ -64,6 +98,8 @@ def main() -> int:
     ap.add_argument("--cpu-results", default=os.path.join(os.path.dirname(__file__), "results",
                                                           "spec_decode_smollm2_cpu.json"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--configs", default=None, help="comma-separated subset of the rows (baseline always runs)")
+    ap.add_argument("--profile", action="store_true", help="cProfile + torch.profiler of 8 steps at batch 1")
     args = ap.parse_args()
     result = {"env": environment(), "target_shape": LLAMA_8B, "draft_shape": LLAMA_1B, "args": vars(args)}
     result["ceilings"] = measure_ceilings()
@@ -83,6 +119,9 @@ def main() -> int:
         (f"verify_forced_k{k}", {"method": "ngram", "num_speculative_tokens": k}),
         (f"draft_k{dk}", {"method": "draft_model", "model": args.draft_dir, "num_speculative_tokens": dk}),
     ]
+    if args.configs:
+        keep = set(args.configs.split(",")) | {"baseline"}
+        configs = [c for c in configs if c[0] in keep]
     batches = [int(b) for b in args.batches.split(",")]
     vocab = LLAMA_8B["vocab_size"]
     reference: dict[int, list] = {}
@@ -127,6 +166,8 @@ def main() -> int:
             print(f"{name:10s} batch {bs:2d}: {e['output_tok_per_s']:8.1f} tok/s, {e['ms_per_step']:.2f} ms/step"
                   + (f", acceptance {e['acceptance_rate']:.3f}, identical={e['outputs_identical_to_baseline']}"
                      if spec else ""), flush=True)
+        if args.profile:
+            profile_steps(llm, make_prompts(1, vocab, seed=77)[0], name)
         llm.engine.shutdown()
         del llm
         torch.cuda.empty_cache()
