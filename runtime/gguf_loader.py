@@ -67,16 +67,61 @@ class GGUFModel:
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(hf_name, tensor)` in file order, one dequantized tensor alive at a time."""
-        from gguf.quants import dequantize
+        for plan in self._plans:
+            yield plan.hf_name, _read_plan(plan, self.dtype, _whole(plan))
+
+    def iter_lazy_weights(self) -> Iterator[tuple[str, Any]]:
+        """Yield `(hf_name, LazyTensor)`: a weight loader's narrowing picks the rows (and, on block
+        boundaries, the columns) to dequantize, so a tensor-parallel rank dequantizes only its shard."""
+        from pagedserve.runtime.loader import LazyTensor
 
         for plan in self._plans:
-            values = dequantize(plan.tensor.data, plan.tensor.tensor_type)
-            # F32 tensors come back as a read-only view of the memory map: copy those; quantized
-            # ones are fresh arrays that torch can adopt without a copy.
-            weight = torch.from_numpy(values) if values.flags.writeable else torch.tensor(values)
-            if plan.rope_heads is not None:
-                weight = _unpermute_rope_rows(weight, plan.rope_heads)
-            yield plan.hf_name, weight.to(self.dtype).contiguous()
+            shape = tuple(int(d) for d in reversed(plan.tensor.shape.tolist()))
+            yield plan.hf_name, LazyTensor(shape, lambda region, plan=plan: _read_plan(plan, self.dtype, region))
+
+
+def _whole(plan: _TensorPlan) -> tuple[slice, ...]:
+    return tuple(slice(0, int(d)) for d in reversed(plan.tensor.shape.tolist()))
+
+
+def _read_plan(plan: _TensorPlan, dtype: torch.dtype, region: tuple[slice, ...]) -> torch.Tensor:
+    """Dequantize ``region`` (one slice per HF dimension) of a planned tensor, rope rows un-permuted."""
+    rows, cols = region[0], region[1] if len(region) > 1 else None
+    if plan.rope_heads is not None:
+        num_rows = int(plan.tensor.shape[-1])  # ggml lists dims innermost first: rows are the last
+        head_dim = num_rows // plan.rope_heads
+        if rows.start % head_dim or rows.stop % head_dim:
+            # Only whole heads can be un-permuted on their own; our weight loaders never ask for less.
+            return _read_plan(plan, dtype, (slice(0, num_rows), *region[1:]))[rows].contiguous()
+        weight = _dequantize(plan.tensor, rows, cols)
+        weight = _unpermute_rope_rows(weight, (rows.stop - rows.start) // head_dim)
+    else:
+        weight = _dequantize(plan.tensor, rows, cols)
+    return weight.to(dtype).contiguous()
+
+
+def _dequantize(tensor, rows: slice, cols: slice | None) -> torch.Tensor:
+    """Dequantize rows ``rows`` (and columns ``cols``) of a GGUF tensor, touching only their bytes when the
+    columns fall on quantization-block boundaries."""
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    data = tensor.data[rows]  # a view of the memory map: nothing is read yet
+    late_cols = None
+    if cols is not None:
+        if data.dtype != np.uint8:  # F32/F16 are typed arrays: one column per element
+            data = data[:, cols]
+        else:
+            block, nbytes = GGML_QUANT_SIZES[tensor.tensor_type]
+            if cols.start % block == 0 and cols.stop % block == 0:
+                data = data[:, cols.start // block * nbytes : cols.stop // block * nbytes]
+            else:
+                late_cols = cols
+    values = dequantize(data, tensor.tensor_type)
+    # F32 comes back as a read-only view of the memory map: copy it; dequantized arrays are fresh and
+    # torch adopts them without a copy.
+    weight = torch.from_numpy(values) if values.flags.writeable else torch.tensor(values)
+    return weight[:, late_cols] if late_cols is not None else weight
 
 
 def load_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> GGUFModel:

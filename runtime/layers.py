@@ -1,7 +1,9 @@
 """Model building blocks: tensor-parallel linears and embeddings, RMSNorm, RoPE and paged attention.
 
 Weights are sharded as they are loaded: every parameter carries a ``weight_loader(param, loaded, shard)``
-that copies only this rank's slice of a checkpoint tensor (nano-vllm's and vLLM's scheme).
+that copies only this rank's slice of a checkpoint tensor (nano-vllm's and vLLM's scheme). ``loaded`` is a
+tensor or a lazy handle (``loader.LazyTensor``): loaders narrow it first and read it last, so a rank
+copies, converts or dequantizes only its own shard, never the whole tensor.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ from pagedserve import kernels
 from pagedserve.runtime.parallel import SINGLE, TPGroup, divide
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+def read_weight(loaded) -> torch.Tensor:
+    """The values of a checkpoint tensor: ``loaded`` itself, or what a lazy handle reads (its region only)."""
+    return loaded if isinstance(loaded, torch.Tensor) else loaded.read()
+
+
+def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
-    param.data.copy_(loaded)
+    param.data.copy_(read_weight(loaded))
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -53,9 +60,9 @@ class ColumnParallelLinear(nn.Module):
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         n = param.shape[0]
-        param.data.copy_(loaded.narrow(0, self.tp.rank * n, n))
+        param.data.copy_(read_weight(loaded.narrow(0, self.tp.rank * n, n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -68,10 +75,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.out_sizes = out_sizes
         super().__init__(in_features, sum(out_sizes), bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         size = self.out_sizes[shard_id] // self.tp.size
         offset = sum(self.out_sizes[:shard_id]) // self.tp.size
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
+        param.data.narrow(0, offset, size).copy_(read_weight(loaded.narrow(0, self.tp.rank * size, size)))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -97,7 +104,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
@@ -106,7 +113,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             offset = q_size if shard_id == "k" else q_size + kv_size
             size = kv_size
             src = (self.tp.rank // self.kv_replicas) * kv_size
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, src, size))
+        param.data.narrow(0, offset, size).copy_(read_weight(loaded.narrow(0, src, size)))
 
 
 class RowParallelLinear(nn.Module):
@@ -122,9 +129,9 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             self.bias.weight_loader = default_weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         n = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.tp.rank * n, n))
+        param.data.copy_(read_weight(loaded.narrow(1, self.tp.rank * n, n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the reduction, not once per rank.
@@ -142,10 +149,11 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _param(self.per_rank, hidden)
         self.weight.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         n = max(0, min(self.per_rank, self.vocab_size - self.start))
         param.data.zero_()
-        param.data[:n].copy_(loaded.narrow(0, self.start, n))
+        if n:  # the last ranks of a small vocabulary may hold only padding rows
+            param.data[:n].copy_(read_weight(loaded.narrow(0, self.start, n)))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

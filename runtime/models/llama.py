@@ -160,7 +160,8 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.model.layers]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors, sharding each for this rank; raise naming any missing or unknown one."""
+        """Load HF-named tensors or lazy handles (``loader.LazyTensor``), each sharded for this rank as it is
+        read (dtype converted by the copy); raise naming any missing or unknown one."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -177,7 +178,7 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             loader = getattr(param, "weight_loader", default_weight_loader)
-            loader(param, tensor.to(param.dtype), shard)
+            loader(param, tensor, shard)  # a lazy handle: the loader reads only this rank's shard
             loaded.add(f"{target}#{shard}")
         expected = set()
         for name, _ in self.named_parameters():
