@@ -92,6 +92,7 @@ class DraftModel:
         self.model.load_weights(source.iter_weights())
         self.model.eval()
         self.num_blocks = 0
+        self.graphs = None  # DecodeGraphs of the draft, captured by the runner (CUDA)
 
     def kv_bytes_per_token(self) -> int:
         from pagedserve.runtime.model_runner import kv_bytes_per_token
@@ -167,11 +168,11 @@ class DraftModel:
         token_req = np.repeat(np.arange(len(rows)), num_sched)
         block_tables = runner.block_table[rows]
         slots = block_tables[token_req, positions // bs].astype(np.int64) * bs + positions % bs
-        meta = runner._device_meta(slots, block_tables, seq_lens, cu, num_sched)
         dev = self.device
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev), torch.from_numpy(positions).to(dev),
-                            meta)
-        last = torch.from_numpy(cu[1:] - 1).to(dev)
+        ids_t = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        hidden, _, tok_end = runner.run_model(self.model, self.graphs, ids_t, positions, slots, block_tables,
+                                              seq_lens, cu, num_sched, seq_lens - num_sched)
+        last = torch.from_numpy(tok_end - 1).to(dev, non_blocking=True)
         return self.model.compute_logits(hidden.index_select(0, last)).float()
 
     @staticmethod

@@ -108,7 +108,10 @@ class EngineCore:
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         if self.device.type == "cuda" and not args.enforce_eager:
-            self.runner.capture_cuda_graphs()
+            if self.spec_config is not None and args.tensor_parallel_size == 1:
+                self.runner.capture_cuda_graphs(spec_query_len=self.spec_config.num_speculative_tokens + 1)
+            else:
+                self.runner.capture_cuda_graphs()
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.proposer = self._make_proposer(self.spec_config)

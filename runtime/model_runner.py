@@ -319,13 +319,9 @@ class ModelRunner:
                 src = [prev_index[so.req_ids[r]] for r in token_req[placeholders].tolist()]
                 ids_t[torch.from_numpy(placeholders).to(dev, non_blocking=True)] = self._prev_sampled[
                     to_device(src, torch.long, dev)]
-        graphs = self.graphs
-        if graphs is not None and int(num_sched.max()) == 1 and graphs.bucket(len(states)) is not None:
-            width = int(-(-seq_lens.max() // bs))
-            hidden = graphs.run(ids_t, positions, slots, np.ascontiguousarray(block_tables[:, :width]), seq_lens)
-        else:
-            meta = self._device_meta(slots, block_tables, seq_lens, cu, num_sched)
-            hidden = self.model(ids_t, torch.from_numpy(positions).to(dev, non_blocking=True), meta)
+        hidden, tok_start, tok_end = self.run_model(
+            self.model, self.graphs, ids_t, positions, slots, block_tables, seq_lens, cu, num_sched, starts
+        )
 
         sample_idx = [i for i, s in enumerate(so.do_sample) if s]
         spec = so.spec_token_ids
@@ -336,15 +332,15 @@ class ModelRunner:
             i for i, st in enumerate(states)
             if st.params.prompt_logprobs is not None and starts[i] < len(st.prompt_token_ids)
         ]
-        prompt_logprobs = self._prompt_logprobs(so, states, hidden, cu, plp_reqs) if plp_reqs else None
+        prompt_logprobs = self._prompt_logprobs(so, states, hidden, tok_start, plp_reqs) if plp_reqs else None
 
         sampled = [-1] * len(states)
         logprobs = None
         verified = None
         if sample_idx or spec_idx:
-            last = cu[1:][sample_idx] - 1
+            last = tok_end[sample_idx] - 1
             if spec_idx:  # every scheduled position of a request with drafts: one logit row per draft + 1
-                last = np.concatenate([last, *(np.arange(cu[i], cu[i + 1]) for i in spec_idx)])
+                last = np.concatenate([last, *(np.arange(tok_start[i], tok_end[i]) for i in spec_idx)])
             logits = self.model.compute_logits(hidden.index_select(0, torch.from_numpy(last).to(dev, non_blocking=True)))
             if logits is None:  # a tensor-parallel rank other than 0: it joined the gather; rank 0 samples
                 return ModelRunnerOutput(sampled, None, None)
@@ -384,6 +380,38 @@ class ModelRunner:
             states[i].output_token_ids.extend(toks)
         return dict(zip(spec_idx, results, strict=True))
 
+    def run_model(self, model, graphs, ids_t, positions, slots, block_tables, seq_lens, cu, num_sched, starts):
+        """One forward of ``model`` (the target, or the draft with its own graphs): a captured graph when
+        the step's shape has one, padding each request to the graph's query length, else eager. Returns the
+        hidden states and, per request, the rows ``[tok_start, tok_end)`` of its real tokens in them."""
+        dev = self.device
+        bs = self.block_size
+        q = graphs.query_len_for(num_sched, starts) if graphs is not None else None
+        if q == 1:
+            width = int(-(-seq_lens.max() // bs))
+            hidden = graphs.run(ids_t, positions, slots, np.ascontiguousarray(block_tables[:, :width]), seq_lens)
+            return hidden, cu[:-1], cu[1:]
+        if q is not None:
+            n = len(num_sched)
+            tok_start = np.arange(n, dtype=np.int64) * q
+            real = np.arange(q)[None, :] < num_sched[:, None]  # [n, q], row-major = request then token
+            slots_p = np.full((n, q), -1, dtype=np.int64)
+            slots_p[real] = slots
+            positions_p = (starts[:, None] + np.arange(q)[None, :]).ravel()
+            if real.all():
+                ids_p = ids_t
+            else:
+                ids_p = torch.zeros(n * q, dtype=torch.long, device=dev)
+                ids_p[torch.from_numpy(np.flatnonzero(real)).to(dev, non_blocking=True)] = ids_t
+            seq_p = starts + q
+            width = int(-(-seq_p.max() // bs))
+            hidden = graphs.run(ids_p, positions_p, slots_p.ravel(), np.ascontiguousarray(block_tables[:, :width]),
+                                seq_p, q)
+            return hidden, tok_start, tok_start + num_sched
+        meta = self._device_meta(slots, block_tables, seq_lens, cu, num_sched)
+        hidden = model(ids_t, torch.from_numpy(positions).to(dev, non_blocking=True), meta)
+        return hidden, cu[:-1], cu[1:]
+
     def _device_meta(self, slots, block_tables, seq_lens, cu, num_sched) -> AttentionMetadata:
         dev = self.device
         width = int(-(-seq_lens.max() // self.block_size))
@@ -396,16 +424,23 @@ class ModelRunner:
             max_seq_len=int(seq_lens.max()),
         )
 
-    def capture_cuda_graphs(self) -> None:
-        """Capture decode graphs (CUDA only; call after the KV cache exists)."""
+    def capture_cuda_graphs(self, spec_query_len: int | None = None) -> None:
+        """Capture decode graphs (CUDA only; call after the KV cache exists). ``spec_query_len`` (k + 1 with
+        speculative decoding) adds graphs of that many query tokens per request, for verification steps and
+        for the draft model's catch-up; the draft model gets its own."""
         from pagedserve.runtime.cuda_graphs import DecodeGraphs
 
-        self.graphs = DecodeGraphs(
-            self.model, self.max_rows, self.max_blocks_per_seq, self.scheduler_config.max_model_len, self.device
-        )
+        query_lens = (1, spec_query_len) if spec_query_len else (1,)
+        max_len = self.scheduler_config.max_model_len
+        self.graphs = DecodeGraphs(self.model, self.max_rows, self.max_blocks_per_seq, max_len, self.device, query_lens)
         self.graphs.capture()
+        if self.drafter is not None:
+            self.drafter.graphs = DecodeGraphs(
+                self.drafter.model, self.max_rows, self.max_blocks_per_seq, max_len, self.device, query_lens
+            )
+            self.drafter.graphs.capture()
 
-    def _prompt_logprobs(self, so, states, hidden, cu, plp_reqs) -> dict[str, list]:
+    def _prompt_logprobs(self, so, states, hidden, tok_start, plp_reqs) -> dict[str, list]:
         """Logprob of each prompt token given the tokens before it (None for the first), chunk by chunk."""
         result: dict[str, list] = {}
         for i in plp_reqs:
@@ -417,7 +452,7 @@ class ModelRunner:
             end = min(start + n, len(prompt) - 1)
             entries: list = [None] if start == 0 else []
             if end > start:
-                h = hidden[int(cu[i]): int(cu[i]) + (end - start)]
+                h = hidden[int(tok_start[i]): int(tok_start[i]) + (end - start)]
                 logits = self.model.compute_logits(h)
                 if logits is None:  # not tensor-parallel rank 0
                     continue
