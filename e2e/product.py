@@ -92,6 +92,47 @@ def wait_phase(cluster: Cluster, namespace: str, name: str, phase: str, timeout_
     return wait_for(reached, timeout_s, f"llmd/{name} in {namespace} to be {phase}", interval_s=0.5)
 
 
+def events(cluster: Cluster, namespace: str, name: str, reason: str) -> list[dict[str, Any]]:
+    """Events of one reason about the object `name` (the LLMDeployment, not its children)."""
+    items = cluster.get_json("events", "-n", namespace, "--field-selector", f"reason={reason}")["items"]
+    return [e for e in items if e["involvedObject"]["name"] == name]
+
+
+# ------------------------------------------------------------------- TP generations (blue/green)
+
+
+def runtime_deployments(cluster: Cluster, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+    """The LLMDeployment's runtime Deployments by name (`<name>-tp<degree>`): two while a TP switch runs."""
+    items = cluster.get_json("deployments", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}")["items"]
+    return {d["metadata"]["name"]: d for d in items}
+
+
+def service_tp(cluster: Cluster, namespace: str, name: str) -> str:
+    """The TP degree the Service routes to (its selector), as the string label value."""
+    service = cluster.get_json("service", name, "-n", namespace)
+    return service["spec"]["selector"]["pagedserve.io/tensor-parallel-size"]
+
+
+def runtime_pods(cluster: Cluster, namespace: str, name: str, tp: int) -> list[dict[str, Any]]:
+    selector = f"app.kubernetes.io/instance={name},pagedserve.io/tensor-parallel-size={tp}"
+    return cluster.pods(namespace, selector)
+
+
+def wait_tp_switched(cluster: Cluster, namespace: str, name: str, old_tp: int, new_tp: int,
+                     timeout_s: float = 180) -> dict[str, Any]:  # fmt: skip
+    """Until the LLMDeployment serves `new_tp` Ready, and the old generation's Deployment and pods are gone."""
+    obj = wait_for(
+        lambda: (o := llmd(cluster, namespace, name)).get("status", {}).get("tensorParallelSize") == new_tp
+        and o["status"].get("phase") == "Ready" and o["status"].get("observedGeneration") == o["metadata"]["generation"]
+        and o,
+        timeout_s, f"llmd/{name} to serve TP {new_tp}", interval_s=0.5,
+    )  # fmt: skip
+    wait_for(lambda: f"{name}-tp{old_tp}" not in runtime_deployments(cluster, namespace, name), 60,
+             f"Deployment {name}-tp{old_tp} gone")  # fmt: skip
+    wait_for(lambda: not runtime_pods(cluster, namespace, name, old_tp), 90, f"the TP {old_tp} pods gone")
+    return obj
+
+
 def chat(base_url: str, model: str, question: str, max_tokens: int = 32, timeout_s: float = 60) -> str:
     """One greedy chat completion with the OpenAI client."""
     import openai

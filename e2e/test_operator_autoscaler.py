@@ -47,8 +47,7 @@ def waiting_in_prometheus(cluster: Cluster, namespace: str) -> float:
 
 
 def events(cluster: Cluster, namespace: str, reason: str) -> list[dict]:
-    items = cluster.get_json("events", "-n", namespace, "--field-selector", f"reason={reason}")["items"]
-    return [e for e in items if e["involvedObject"]["name"] == NAME]
+    return product.events(cluster, namespace, NAME, reason)
 
 
 def test_scenario3_autoscaler_scales_up_on_queue_depth_and_down_after_the_window(

@@ -36,18 +36,15 @@ def tiny(cluster: Cluster, operator) -> str:
 
 
 def deployments(cluster: Cluster, namespace: str) -> dict[str, dict]:
-    items = cluster.get_json("deployments", "-n", namespace, "-l", f"app.kubernetes.io/instance={NAME}")["items"]
-    return {d["metadata"]["name"]: d for d in items}
+    return product.runtime_deployments(cluster, namespace, NAME)
 
 
 def service_tp(cluster: Cluster, namespace: str) -> str:
-    service = cluster.get_json("service", NAME, "-n", namespace)
-    return service["spec"]["selector"]["pagedserve.io/tensor-parallel-size"]
+    return product.service_tp(cluster, namespace, NAME)
 
 
 def runtime_pods(cluster: Cluster, namespace: str, tp: int) -> list[dict]:
-    selector = f"app.kubernetes.io/instance={NAME},pagedserve.io/tensor-parallel-size={tp}"
-    return cluster.pods(namespace, selector)
+    return product.runtime_pods(cluster, namespace, NAME, tp)
 
 
 def set_tp(cluster: Cluster, namespace: str, tp: int) -> None:
@@ -56,16 +53,7 @@ def set_tp(cluster: Cluster, namespace: str, tp: int) -> None:
 
 
 def wait_switched(cluster: Cluster, namespace: str, old_tp: int, new_tp: int, timeout_s: float = 180) -> dict:
-    """Until the LLMDeployment serves `new_tp` Ready, and the old generation's Deployment and pods are gone."""
-    obj = wait_for(
-        lambda: (o := product.llmd(cluster, namespace, NAME)).get("status", {}).get("tensorParallelSize") == new_tp
-        and o["status"].get("phase") == "Ready" and o["status"].get("observedGeneration") == o["metadata"]["generation"]
-        and o,
-        timeout_s, f"llmd/{NAME} to serve TP {new_tp}", interval_s=0.5,
-    )  # fmt: skip
-    wait_for(lambda: f"{NAME}-tp{old_tp}" not in deployments(cluster, namespace), 60, f"Deployment {NAME}-tp{old_tp} gone")
-    wait_for(lambda: not runtime_pods(cluster, namespace, old_tp), 90, f"the TP {old_tp} pods gone")
-    return obj
+    return product.wait_tp_switched(cluster, namespace, NAME, old_tp, new_tp, timeout_s)
 
 
 def test_scenario5_tp_change_is_blue_green_with_zero_failed_requests(cluster: Cluster, tiny: str) -> None:

@@ -102,6 +102,8 @@ INVALID = {
     "device-enum": (invalid("spec.engine.device", "tpu"), ["spec.engine.device", "supported values"]),
     "negative-replicas": (invalid("spec.replicas", -1), ["spec.replicas", "greater than or equal to 0"]),
     "bad-quantity": (invalid("spec.resources.memory", "lots"), ["spec.resources.memory", "should match"]),
+    "stable-window-under-panic-window": (invalid("spec.autoscaling", {"stableWindowSeconds": 5}),
+                                         ["spec.autoscaling.stableWindowSeconds", "greater than or equal to 6"]),
     "unknown-field": (invalid("spec.gpus", 2), ['unknown field "spec.gpus"']),
     # CEL x-kubernetes-validations
     "tp-not-power-of-two": (invalid("spec.tensorParallelSize", 3), ["spec.tensorParallelSize", "power of two"]),

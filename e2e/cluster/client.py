@@ -107,8 +107,10 @@ class Cluster:
         svc = self.get_json("service", name, "-n", namespace)
         return service_endpoints(svc, self.pods(namespace), port)
 
-    def prometheus_query(self, promql: str) -> list[dict]:
-        url = f"{self.layout.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    def prometheus_query(self, promql: str, at: float | None = None) -> list[dict]:
+        """An instant query (at Unix time `at`, else now): a range selector gives every sample of its range."""
+        params = {"query": promql} if at is None else {"query": promql, "time": f"{at:.3f}"}
+        url = f"{self.layout.prometheus_url}/api/v1/query?" + urllib.parse.urlencode(params)
         with urllib.request.urlopen(url, timeout=5) as resp:
             body = json.loads(resp.read())
         return body["data"]["result"]
