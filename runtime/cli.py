@@ -96,6 +96,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     eng.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
     eng.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                     help="schedule step N+1 while step N runs on the device (default: on with CUDA, "
+                          "tensor-parallel size 1 and no speculative decoding)")
     eng.add_argument("--speculative-config", type=_json_object, default=None,
                      help='speculative decoding as JSON, as vLLM takes it: {"method": "ngram", '
                           '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}')
@@ -120,6 +123,7 @@ def server_config_from_args(args: argparse.Namespace):
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         speculative_config=args.speculative_config,
+        async_scheduling=args.async_scheduling,
     )
     return ServerConfig(
         model=args.model,

@@ -34,7 +34,7 @@ def test_serve_flags_map_onto_the_server_and_engine_config():
         "tensor_parallel_size": 2, "max_num_seqs": 128, "max_num_batched_tokens": 4096,
         "enable_prefix_caching": False, "scheduling_policy": "fcfs", "long_prefill_token_threshold": 0,
         "device": "cuda", "dtype": "bfloat16", "seed": 7, "enforce_eager": False,
-        "speculative_config": {"method": "ngram", "k": 4},
+        "speculative_config": {"method": "ngram", "k": 4}, "async_scheduling": None,
     }
     from pagedserve.runtime.engine import EngineArgs
 
