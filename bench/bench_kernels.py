@@ -316,11 +316,12 @@ def print_table(res: dict) -> None:
     copy = ceil.get("copy_gbs", float("nan"))
     print(f"\n{res['versions']['gpu']}  torch {res['versions']['torch']}  triton {res['versions']['triton']}")
     print(f"ceilings: copy {copy:,.0f} GB/s   bf16 matmul {ceil.get('matmul_tflops', float('nan')):,.0f} TFLOP/s")
-    print("decode (GB/s of K/V+q+out)   batch   ctx   triton  %copy    sdpa  triton/sdpa  err")
+    print("decode (GB/s of K/V+q+out)   batch   ctx   triton  %copy    sdpa  triton/sdpa  err      sep.merge")
     for r in res.get("decode", []):
         t, s = r["triton_gbs"], r["sdpa_gbs"]
         print(f"{'':29}{r['batch']:>5} {r['ctx']:>5} {t:8,.0f} {100 * t / copy:5.1f}% {s:7,.0f} "
-              f"{t / s:8.2f}x  {r['rel_err_vs_sdpa']:.1e}{best_variant(r, '_gbs')}")
+              f"{t / s:8.2f}x  {r['rel_err_vs_sdpa']:.1e}  {r.get('separate_merge_gbs', float('nan')):8,.0f}"
+              f"{best_variant(r, '_gbs')}")
     print("prefill (TFLOP/s, causal)    batch  seq_len q_len  triton  sdpa-flash  ratio")
     for r in res.get("prefill", []):
         s = r.get("sdpa_flash_tflops")
@@ -352,7 +353,8 @@ def main() -> None:
     def decode_all():
         rows = []
         for batch, ctx in itertools.product((1, 32, 128), (512, 2048, 8192)):
-            configs = {"triton": {}}
+            # The default (merge fused into the decode kernel) next to the separate merge launch, same run.
+            configs = {"triton": {}, "separate_merge": dict(dec_fused_merge=False)}
             if args.sweep and batch >= 32 and ctx >= 2048:
                 configs.update(DECODE_SWEEP)
             row = guarded(res, f"decode {batch}x{ctx}", lambda: decode_case(batch, ctx, l2, configs))  # noqa: B023

@@ -49,16 +49,16 @@ def _kv_tile_offsets(block_table_row, tok, tok_mask, stride_b, stride_t, PAGE_SI
 # of every such value, in the middle of serving (about a second each; seen on an H200 as 2x slower
 # prefill steps and a draft model 13x slower than its kernels). Constexpr variants stay, and
 # ModelRunner.warm_up compiles them before the first request.
-@triton.jit(do_not_specialize=["partition_size", "stride_bt"])
+@triton.jit(do_not_specialize=["partition_size", "stride_bt", "num_splits"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, partition_size, group,
+    out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
+    qk_scale, partition_size, group, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_ps, stride_ph,
     HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     # KV heads fastest: the heads of one (sequence, split) read neighbouring rows of the same cache blocks
     # side by side (measured no faster than sequence-fastest on an H100, run 2, but no slower either).
@@ -119,6 +119,34 @@ def _decode_kernel(
         part = seq.to(tl.int64) * stride_ps + heads * stride_ph + split * HEAD_DIM
         tl.store(part_out_ptr + part[:, None] + d[None, :], out, mask=head_mask[:, None])
         tl.store(part_lse_ptr + part // HEAD_DIM, lse, mask=head_mask)
+        if FUSED_MERGE:
+            # The last split of this (sequence, KV head) to finish merges all of them: no second launch.
+            # The counter's acq_rel atomic orders every split's stores before the merger's loads, which
+            # bypass L1 (.cg); the merger puts the counter back to 0 for the next launch (or graph replay).
+            counter = counter_ptr + seq * tl.num_programs(0) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+                m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+                den = tl.zeros([GROUP_PAD], tl.float32)
+                num = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+                base = seq.to(tl.int64) * stride_ps + heads * stride_ph
+                for s in range(0, num_splits):
+                    lse_s = tl.load(part_lse_ptr + (base + s * HEAD_DIM) // HEAD_DIM, mask=head_mask,
+                                    other=float("-inf"), cache_modifier=".cg")
+                    part_s = tl.load(part_out_ptr + (base + s * HEAD_DIM)[:, None] + d[None, :],
+                                     mask=head_mask[:, None], other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m, lse_s)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m - m_safe)
+                    w = tl.exp2(lse_s - m_safe)
+                    den = den * alpha + w
+                    num = num * alpha[:, None] + part_s * w[:, None]
+                    m = m_new
+                merged = num / tl.where(den > 0.0, den, 1.0)[:, None]
+                tl.store(
+                    out_ptr + q_start.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                    merged.to(out_ptr.dtype.element_ty), mask=head_mask[:, None],
+                )
+                tl.atomic_xchg(counter, 0)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -232,6 +260,19 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _split_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, KV head), for the decode kernel's fused merge; the kernel
+    leaves them at zero. One buffer per device, never freed: CUDA graphs keep the address they captured, so a
+    larger request adds a buffer instead of replacing it."""
+    bufs = _COUNTERS.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
 def decode_partition_size(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device,
     min_partition: int = 256, programs_per_sm: int = 4,
@@ -284,7 +325,7 @@ def _config(head_dim: int, interpreted: bool, max_query_len: int):
     if interpreted:
         # Small tiles so that small test shapes still cross many tile and page boundaries.
         return dict(dec_block_n=16, dec_warps=4, dec_stages=1, dec_min_partition=32, dec_programs_per_sm=4,
-                    pf_block_m=16, pf_block_n=16, pf_warps=4, pf_stages=1)
+                    dec_fused_merge=True, pf_block_m=16, pf_block_n=16, pf_warps=4, pf_stages=1)
     # Prefill tiles from the run-2 sweep on an H100 (bench/NOTES_kernels.md): 64x64 with 4 warps is best up
     # to a few thousand queries; 128x128 with 8 warps wins on very long prompts.
     if max_query_len <= 16:
@@ -295,7 +336,7 @@ def _config(head_dim: int, interpreted: bool, max_query_len: int):
         pf_block_m, pf_block_n, pf_warps = 128, 128, 8
     return dict(
         dec_block_n=64, dec_warps=4, dec_stages=3, dec_min_partition=256, dec_programs_per_sm=2,
-        pf_block_m=pf_block_m, pf_block_n=pf_block_n, pf_warps=pf_warps, pf_stages=3,
+        dec_fused_merge=True, pf_block_m=pf_block_m, pf_block_n=pf_block_n, pf_warps=pf_warps, pf_stages=3,
     )
 
 
@@ -349,22 +390,24 @@ def paged_attention_launch(
     elif decode_partition % block_n:
         raise ValueError(f"decode_partition {decode_partition} must be a multiple of {block_n}")
     num_splits = triton.cdiv(max_seq_len, decode_partition)
+    fused = cfg["dec_fused_merge"]
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
+    counter = _split_counters(num_seqs * num_kv_heads, q.device) if num_splits > 1 and fused else out
     _decode_kernel[(num_kv_heads, num_splits, num_seqs)](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse,
-        qk_scale, decode_partition, group,
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, counter,
+        qk_scale, decode_partition, group, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *common_strides, block_tables.stride(0),
         num_heads * num_splits * head_dim, num_splits * head_dim,
         HEAD_DIM=head_dim, GROUP_PAD=max(16, triton.next_power_of_2(group)), PAGE_SIZE=block_size,
-        BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, UPCAST_DOT=interpreted,
+        BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, FUSED_MERGE=fused, UPCAST_DOT=interpreted,
         num_warps=cfg["dec_warps"], num_stages=cfg["dec_stages"],
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused:
         _merge_kernel[(num_seqs, num_heads)](
             query_start_loc, part_out, part_lse, out,
             num_splits, num_heads * num_splits * head_dim, num_splits * head_dim,

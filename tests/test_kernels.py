@@ -156,9 +156,14 @@ def test_paged_attention_decode(head_dim, group, block_size, dtype):
     max_seq_len = max(seq_lens)
     block_n = 64 if ON_CUDA else 16
     # The default split heuristic with and without the host-side hints, then many small splits (most of
-    # them empty for the short sequences); on the GPU also one split per sequence (no merge step).
+    # them empty for the short sequences), merged by the last split or by a separate launch; on the GPU
+    # also one split per sequence (no merge step). Repeated calls also check that the fused merge leaves
+    # its counters at zero (a stale counter would merge too early and fail the next comparison).
     variants = [dict(max_query_len=1, max_seq_len=max_seq_len), dict(),
-                dict(max_query_len=1, max_seq_len=max_seq_len, decode_partition=2 * block_n)]
+                dict(max_query_len=1, max_seq_len=max_seq_len, decode_partition=2 * block_n),
+                # the separate merge launch instead of the fused one (the last split merges)
+                dict(max_query_len=1, max_seq_len=max_seq_len, decode_partition=2 * block_n,
+                     dec_fused_merge=False)]
     if ON_CUDA:
         single = -(-max_seq_len // block_n) * block_n
         variants.append(dict(max_query_len=1, max_seq_len=max_seq_len, decode_partition=single))
