@@ -20,6 +20,7 @@ __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
     "rotary_embedding",
+    "rotary_embedding_and_cache",
     "silu_and_mul",
     "use_triton",
 ]
@@ -72,6 +73,12 @@ def rms_norm(x, weight, eps):
 def fused_add_rms_norm(x, residual, weight, eps):
     """``residual += x``; returns ``(rms_norm(residual), residual)``."""
     return _impl(x).fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping):
+    """RoPE on q and k, and this step's rotated K and V written into the paged cache by slot (one launch on
+    the GPU); returns the rotated q."""
+    return _impl(q).rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
 
 
 def rotary_embedding(positions, q, k, cos_sin_cache):

@@ -114,6 +114,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """``rotary_embedding`` of q and k, then ``write_kv_cache`` of the rotated k and of v; the rotated q."""
+    q_rot, k_rot = rotary_embedding(positions, q, k, cos_sin_cache)
+    write_kv_cache(k_rot, v, k_cache, v_cache, slot_mapping)
+    return q_rot
+
+
 def rotary_embedding(
     positions: torch.Tensor,
     q: torch.Tensor,

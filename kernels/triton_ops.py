@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from pagedserve.kernels.triton_attention import paged_attention
 from pagedserve.kernels.triton_norm import fused_add_rms_norm, rms_norm
-from pagedserve.kernels.triton_pointwise import rotary_embedding, silu_and_mul, write_kv_cache
+from pagedserve.kernels.triton_pointwise import (
+    rotary_embedding,
+    rotary_embedding_and_cache,
+    silu_and_mul,
+    write_kv_cache,
+)
 
 __all__ = [
     "write_kv_cache",
@@ -18,5 +23,6 @@ __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
     "rotary_embedding",
+    "rotary_embedding_and_cache",
     "silu_and_mul",
 ]

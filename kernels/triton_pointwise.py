@@ -81,7 +81,7 @@ def write_kv_cache(
 # ------------------------------------------------------------------------------------------- rotary
 @triton.jit
 def _rotate_heads(x_ptr, out_ptr, num_heads, stride_h, cos, sin, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                  HEADS_PAD: tl.constexpr):
+                  HEADS_PAD: tl.constexpr, OUT_STRIDE_H: tl.constexpr):
     h = tl.arange(0, HEADS_PAD)[:, None]
     j = tl.arange(0, HALF_PAD)[None, :]
     mask = (h < num_heads) & (j < HALF)
@@ -93,7 +93,7 @@ def _rotate_heads(x_ptr, out_ptr, num_heads, stride_h, cos, sin, HALF: tl.conste
     # x * cos + rotate_half(x) * sin, each product rounded to the activation dtype as in the reference.
     o1 = (x1f * cos).to(dtype).to(tl.float32) + (-x2f * sin).to(dtype).to(tl.float32)
     o2 = (x2f * cos).to(dtype).to(tl.float32) + (x1f * sin).to(dtype).to(tl.float32)
-    out_row = out_ptr + h * (2 * HALF)
+    out_row = out_ptr + h * OUT_STRIDE_H
     tl.store(out_row + j, o1.to(dtype), mask=mask)
     tl.store(out_row + HALF + j, o2.to(dtype), mask=mask)
 
@@ -113,9 +113,73 @@ def _rotary_kernel(
     sin = tl.load(cos_sin_ptr + pos * stride_cache + HALF + j, mask=j < HALF, other=0.0)
     sin = sin.to(dtype).to(tl.float32)
     _rotate_heads(q_ptr + token * stride_qt, q_out_ptr + token * num_q_heads * 2 * HALF, num_q_heads,
-                  stride_qh, cos, sin, HALF, HALF_PAD, QH_PAD)
+                  stride_qh, cos, sin, HALF, HALF_PAD, QH_PAD, 2 * HALF)
     _rotate_heads(k_ptr + token * stride_kt, k_out_ptr + token * num_k_heads * 2 * HALF, num_k_heads,
-                  stride_kh, cos, sin, HALF, HALF_PAD, KH_PAD)
+                  stride_kh, cos, sin, HALF, HALF_PAD, KH_PAD, 2 * HALF)
+
+
+@triton.jit
+def _rotary_cache_kernel(
+    positions_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    num_q_heads, num_k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache,
+    stride_kcb, stride_kct, stride_vcb, stride_vct,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, QH_PAD: tl.constexpr, KH_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CACHE_STRIDE_H: tl.constexpr,
+):
+    """Rotary on q (to q_out) and k (straight into the paged cache at the token's slot), v copied into its
+    cache: one launch per layer instead of two, and rotated k never round-trips through memory."""
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    j = tl.arange(0, HALF_PAD)[None, :]
+    dtype = q_out_ptr.dtype.element_ty
+    cos = tl.load(cos_sin_ptr + pos * stride_cache + j, mask=j < HALF, other=0.0).to(dtype).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * stride_cache + HALF + j, mask=j < HALF, other=0.0)
+    sin = sin.to(dtype).to(tl.float32)
+    _rotate_heads(q_ptr + token * stride_qt, q_out_ptr + token * num_q_heads * 2 * HALF, num_q_heads,
+                  stride_qh, cos, sin, HALF, HALF_PAD, QH_PAD, 2 * HALF)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:
+        block = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
+        _rotate_heads(k_ptr + token * stride_kt, k_cache_ptr + block * stride_kcb + offset * stride_kct,
+                      num_k_heads, stride_kh, cos, sin, HALF, HALF_PAD, KH_PAD, CACHE_STRIDE_H)
+        h = tl.arange(0, KH_PAD)[:, None]
+        d = tl.arange(0, 2 * HALF_PAD)[None, :]
+        mask = (h < num_k_heads) & (d < 2 * HALF)
+        v = tl.load(v_ptr + token * stride_vt + h * stride_vh + d, mask=mask)
+        tl.store(v_cache_ptr + block * stride_vcb + offset * stride_vct + h * CACHE_STRIDE_H + d,
+                 v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """``rotary_embedding`` on q and k, then ``write_kv_cache`` of the rotated k and of v, in one launch;
+    returns the rotated q. A negative slot writes nothing for its token."""
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"expected q [T, Hq, D], k and v [T, Hk, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[2:] != k.shape[1:]:
+        raise ValueError(f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not hold k {tuple(k.shape)}")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or k_cache.stride(2) != v_cache.stride(2):
+        raise ValueError("k_cache and v_cache must be contiguous in head_dim with equal head strides")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim or head_dim % 2:
+        raise ValueError(f"cos_sin_cache must be [max_position, {head_dim}], got {tuple(cos_sin_cache.shape)}")
+    if positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"positions and slot_mapping must be [{num_tokens}]")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return q_out
+    half = head_dim // 2
+    _rotary_cache_kernel[(num_tokens,)](
+        positions, q, k, v, cos_sin_cache, q_out, k_cache, v_cache, slot_mapping,
+        num_q_heads, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        HALF=half, HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(num_q_heads),
+        KH_PAD=triton.next_power_of_2(k.shape[1]), BLOCK_SIZE=k_cache.shape[1], CACHE_STRIDE_H=k_cache.stride(2),
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return q_out
 
 
 def rotary_embedding(

@@ -270,6 +270,10 @@ class PagedAttention(nn.Module):
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
             return out.transpose(0, 1)
         kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.attend(q, meta)
+
+    def attend(self, q, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention of ``q`` over the cache, this step's K/V already written into it."""
         return kernels.paged_attention(
             q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
             self.scale, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,

@@ -322,6 +322,40 @@ def test_rotary_embedding(head_dim, dtype):
     assert torch.equal(q, q_before), "rotary_embedding must not modify its inputs"
 
 
+@pytest.mark.parametrize(("head_dim", "block_size"), [(64, 16), (128, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
+def test_rotary_embedding_and_cache_equals_rotary_then_write(head_dim, block_size, dtype):
+    """The fused kernel (one launch per layer) gives bit for bit what the two kernels give: the rotated q,
+    and caches holding the rotated k and v at each slot, untouched at negative slots and elsewhere."""
+    gen = generator("rope-cache", head_dim, block_size, dtype)
+    num_tokens, num_q_heads, num_k_heads, max_pos, num_blocks = 21, 8, 2, 4096, 12
+    qkv = randn(num_tokens, (num_q_heads + 2 * num_k_heads) * head_dim, dtype=dtype, gen=gen)
+    q = qkv[:, : num_q_heads * head_dim].view(num_tokens, num_q_heads, head_dim)
+    k = qkv[:, num_q_heads * head_dim : (num_q_heads + num_k_heads) * head_dim].view(num_tokens, num_k_heads, head_dim)
+    v = qkv[:, (num_q_heads + num_k_heads) * head_dim :].view(num_tokens, num_k_heads, head_dim)
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(DEVICE)
+    positions = torch.randint(0, max_pos, (num_tokens,), generator=gen).to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[torch.randperm(num_tokens, generator=gen)[:4]] = -1
+    slots = slots.to(DEVICE)
+    k_cache = randn(num_blocks, block_size, num_k_heads, head_dim, dtype=dtype, gen=gen)
+    v_cache = randn(num_blocks, block_size, num_k_heads, head_dim, dtype=dtype, gen=gen)
+    k_two, v_two = k_cache.clone(), v_cache.clone()
+    q_two, k_rot = ops.rotary_embedding(positions, q, k, cos_sin)
+    ops.write_kv_cache(k_rot, v, k_two, v_two, slots)
+    q_one = ops.rotary_embedding_and_cache(positions, q, k, v, cos_sin, k_cache, v_cache, slots)
+    assert torch.equal(q_one.cpu(), q_two.cpu())
+    assert torch.equal(k_cache.cpu(), k_two.cpu()) and torch.equal(v_cache.cpu(), v_two.cpu())
+    # And the reference's composition (fp32) agrees within the dtype's tolerance.
+    k_ref, v_ref = k_cache.float().cpu().clone(), v_cache.float().cpu().clone()
+    q_ref = reference.rotary_embedding_and_cache(positions.cpu(), q.float().cpu(), k.float().cpu(), v.float().cpu(),
+                                                 cos_sin.cpu(), k_ref, v_ref, slots.cpu())
+    check_close(q_one, q_ref, dtype, "q")
+    check_close(k_cache, k_ref, dtype, "k_cache")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
 def test_silu_and_mul(dtype):
     gen = generator("silu", dtype)

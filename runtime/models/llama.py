@@ -63,8 +63,15 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = kernels.rotary_embedding(positions, q, k, self.cos_sin_cache)
-        out = self.attn(q, k, v, meta)
+        attn = self.attn
+        if meta is not None and attn.k_cache is not None:
+            # Rotary and the cache write of this step's K/V in one kernel, then attention over the cache.
+            q = kernels.rotary_embedding_and_cache(positions, q, k, v, self.cos_sin_cache, attn.k_cache,
+                                                   attn.v_cache, meta.slot_mapping)
+            out = attn.attend(q, meta)
+        else:
+            q, k = kernels.rotary_embedding(positions, q, k, self.cos_sin_cache)
+            out = attn(q, k, v, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
