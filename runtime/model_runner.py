@@ -157,6 +157,8 @@ class ModelRunner:
         # them, for the next step's placeholder inputs (-1: "the token this request sampled last step").
         self._prev_sampled: torch.Tensor | None = None
         self._prev_index: dict[str, int] = {}
+        # Generators of seeded requests that were preempted: they continue the same stream when resumed.
+        self._parked_generators: dict[str, torch.Generator] = {}
         self.drafter = None  # a DraftModel when speculative decoding uses one; set before sizing the KV pool
 
     # ----------------------------------------------------------------------------- KV cache
@@ -250,26 +252,30 @@ class ModelRunner:
 
     # ----------------------------------------------------------------------------- state
     def _add_request(self, nr) -> None:
+        old = self.requests.pop(nr.req_id, None)
+        if old is not None:  # a request the runner still holds (defensive: preemption frees the row)
+            self.free_rows.append(old.row)
         if not self.free_rows:
             raise RuntimeError("persistent batch is full: more running requests than max_num_seqs")
-        gen = None
-        if nr.sampling_params.seed is not None:
+        gen = self._parked_generators.pop(nr.req_id, None)  # resumed after preemption: same stream
+        if gen is None and old is not None:
+            gen = old.generator
+        if gen is None and nr.sampling_params.seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(nr.sampling_params.seed)
-        old = self.requests.pop(nr.req_id, None)
-        if old is not None:  # resumed after preemption: its blocks are new, its output is kept
-            self.free_rows.append(old.row)
-            if old.generator is not None:
-                gen = old.generator
         self.requests[nr.req_id] = RequestState(
             self.free_rows.pop(), nr.sampling_params, gen, nr.prompt_token_ids, list(nr.output_token_ids),
             nr.eos_token_ids,
         )
 
-    def _remove_request(self, req_id: str) -> None:
+    def _remove_request(self, req_id: str, preempted: bool = False) -> None:
         st = self.requests.pop(req_id, None)
         if st is not None:
             self.free_rows.append(st.row)
+            if preempted and st.generator is not None:
+                self._parked_generators[req_id] = st.generator
+        if not preempted:
+            self._parked_generators.pop(req_id, None)
 
     # ----------------------------------------------------------------------------- execute
     @torch.inference_mode()
@@ -278,6 +284,8 @@ class ModelRunner:
         before the device finishes, with the sampled ids in a ``DeferredOutput``."""
         for rid in so.finished_req_ids:
             self._remove_request(rid)
+        for rid in so.preempted_req_ids:  # their blocks are gone; they return as new requests
+            self._remove_request(rid, preempted=True)
         for rid, kept in so.num_blocks_kept.items():  # rejected drafts gave their blocks back
             st = self.requests.get(rid)
             if st is not None:

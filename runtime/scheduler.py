@@ -43,6 +43,8 @@ class SchedulerOutput:
     new_block_ids: list[list[int]] = field(default_factory=list)  # appended to each block table
     do_sample: list[bool] = field(default_factory=list)  # False for a prefill chunk short of the end
     finished_req_ids: list[str] = field(default_factory=list)  # since the last step: drop their state
+    # Preempted by this schedule: the runner frees their rows (they come back as new requests).
+    preempted_req_ids: list[str] = field(default_factory=list)
     # Speculative decoding: draft tokens to verify (also the tail of token_ids) per request that has some,
     # and block tables cut back to this many blocks after rejected drafts gave their slots back.
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
@@ -282,6 +284,8 @@ class Scheduler:
         if not preempted:
             self._schedule_waiting(out, budget, long_cap)
         out.num_preempted = len(preempted)
+        if preempted:
+            out.preempted_req_ids = list(preempted)
         return out
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, long_cap: int) -> None:
