@@ -336,7 +336,7 @@ def _config(head_dim: int, interpreted: bool, max_query_len: int):
         pf_block_m, pf_block_n, pf_warps = 128, 128, 8
     return dict(
         dec_block_n=64, dec_warps=4, dec_stages=3, dec_min_partition=256, dec_programs_per_sm=2,
-        dec_fused_merge=True, pf_block_m=pf_block_m, pf_block_n=pf_block_n, pf_warps=pf_warps, pf_stages=3,
+        dec_fused_merge=False, pf_block_m=pf_block_m, pf_block_n=pf_block_n, pf_warps=pf_warps, pf_stages=3,
     )
 
 
