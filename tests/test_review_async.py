@@ -7,7 +7,6 @@ batch is full' and killed the engine. The scheduler now reports preemptions and 
 import random
 
 import pytest
-
 from tiny_models import hf_greedy
 
 from pagedserve.runtime import LLM, SamplingParams
