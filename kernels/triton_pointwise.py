@@ -99,6 +99,15 @@ def _rotate_heads(x_ptr, out_ptr, num_heads, stride_h, cos, sin, HALF: tl.conste
 
 
 @triton.jit
+def _load_cos_sin(cos_sin_ptr, pos, stride_cache, dtype, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """cos and sin of one position, rounded to the activation dtype first as the reference does."""
+    j = tl.arange(0, HALF_PAD)[None, :]
+    cos = tl.load(cos_sin_ptr + pos * stride_cache + j, mask=j < HALF, other=0.0).to(dtype).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * stride_cache + HALF + j, mask=j < HALF, other=0.0)
+    return cos, sin.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rotary_kernel(
     positions_ptr, q_ptr, k_ptr, cos_sin_ptr, q_out_ptr, k_out_ptr,
     num_q_heads, num_k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
@@ -106,12 +115,7 @@ def _rotary_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
-    j = tl.arange(0, HALF_PAD)[None, :]
-    dtype = q_out_ptr.dtype.element_ty
-    # The reference casts cos/sin to the activation dtype before multiplying.
-    cos = tl.load(cos_sin_ptr + pos * stride_cache + j, mask=j < HALF, other=0.0).to(dtype).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + pos * stride_cache + HALF + j, mask=j < HALF, other=0.0)
-    sin = sin.to(dtype).to(tl.float32)
+    cos, sin = _load_cos_sin(cos_sin_ptr, pos, stride_cache, q_out_ptr.dtype.element_ty, HALF, HALF_PAD)
     _rotate_heads(q_ptr + token * stride_qt, q_out_ptr + token * num_q_heads * 2 * HALF, num_q_heads,
                   stride_qh, cos, sin, HALF, HALF_PAD, QH_PAD, 2 * HALF)
     _rotate_heads(k_ptr + token * stride_kt, k_out_ptr + token * num_k_heads * 2 * HALF, num_k_heads,
@@ -130,11 +134,7 @@ def _rotary_cache_kernel(
     cache: one launch per layer instead of two, and rotated k never round-trips through memory."""
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
-    j = tl.arange(0, HALF_PAD)[None, :]
-    dtype = q_out_ptr.dtype.element_ty
-    cos = tl.load(cos_sin_ptr + pos * stride_cache + j, mask=j < HALF, other=0.0).to(dtype).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + pos * stride_cache + HALF + j, mask=j < HALF, other=0.0)
-    sin = sin.to(dtype).to(tl.float32)
+    cos, sin = _load_cos_sin(cos_sin_ptr, pos, stride_cache, q_out_ptr.dtype.element_ty, HALF, HALF_PAD)
     _rotate_heads(q_ptr + token * stride_qt, q_out_ptr + token * num_q_heads * 2 * HALF, num_q_heads,
                   stride_qh, cos, sin, HALF, HALF_PAD, QH_PAD, 2 * HALF)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)

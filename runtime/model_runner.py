@@ -8,6 +8,7 @@ rebuild of every block table.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -218,8 +219,6 @@ class ModelRunner:
         prefill tile class and per decode split-count class (the kernels' constexpr variants), on block 0
         of the fresh cache with no KV written. Without it the first requests pay about a second per variant
         (measured on an H200: workload (a)'s prefill steps took 369 ms instead of 197)."""
-        import time
-
         t0 = time.monotonic()
         cases = warm_up_cases(self.scheduler_config.max_num_batched_tokens, self.scheduler_config.max_model_len)
         models = [self.model] + ([self.drafter.model] if self.drafter is not None else [])
