@@ -6,7 +6,10 @@ Shared by the e2e scenarios and `make demo`, so the demo shows exactly what the 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,21 @@ def install_operator(cluster: Cluster, timeout_s: int = 120) -> None:
 
 def uninstall_operator(cluster: Cluster) -> None:
     cluster.helm("uninstall", RELEASE, "-n", OPERATOR_NAMESPACE, "--wait", "--timeout", "60s", check=False)
+
+
+@contextmanager
+def llmd_namespace(cluster: Cluster, prefix: str) -> Iterator[str]:
+    """A fresh namespace (``<prefix>-<pid>``) ready for pods; on exit its LLMDeployments are deleted while the
+    operator still runs (it removes its finalizers), then the namespace."""
+    namespace = f"{prefix}-{os.getpid()}"
+    cluster.kubectl("create", "namespace", namespace)
+    # Pods need the namespace's default ServiceAccount, made by the controller-manager.
+    wait_for(lambda: cluster.core.read_namespaced_service_account("default", namespace), 30, "default SA")
+    try:
+        yield namespace
+    finally:
+        cluster.kubectl("delete", "llmd", "--all", "-n", namespace, "--timeout=60s", check=False)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def apply(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> None:

@@ -10,7 +10,6 @@ the policy): the peak of that window must fit on the replicas that would remain.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -30,15 +29,11 @@ AUTOSCALING = {
 
 @pytest.fixture
 def autoscaled(cluster: Cluster, operator) -> str:
-    namespace = f"e2e-autoscale-{os.getpid()}"
-    cluster.kubectl("create", "namespace", namespace)
-    wait_for(lambda: cluster.core.read_namespaced_service_account("default", namespace), 30, "default SA")
-    manifest = product.tiny_manifest(NAME, replicas=1, autoscaling=AUTOSCALING)
-    manifest["spec"]["engine"]["maxNumSeqs"] = 1
-    product.apply(cluster, namespace, manifest)
-    yield namespace
-    cluster.kubectl("delete", "llmd", "--all", "-n", namespace, "--timeout=60s", check=False)
-    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    with product.llmd_namespace(cluster, "e2e-autoscale") as namespace:
+        manifest = product.tiny_manifest(NAME, replicas=1, autoscaling=AUTOSCALING)
+        manifest["spec"]["engine"]["maxNumSeqs"] = 1
+        product.apply(cluster, namespace, manifest)
+        yield namespace
 
 
 def waiting_in_prometheus(cluster: Cluster, namespace: str) -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import calendar
 import json
-import os
 import re
 import time
 
@@ -51,15 +50,11 @@ def autoscaling() -> dict:
 
 @pytest.fixture
 def pinned(cluster: Cluster, operator) -> str:
-    namespace = f"e2e-autoscale-tp-{os.getpid()}"
-    cluster.kubectl("create", "namespace", namespace)
-    wait_for(lambda: cluster.core.read_namespaced_service_account("default", namespace), 30, "default SA")
-    manifest = product.tiny_manifest(NAME, replicas=1, tensorParallelSize=1, autoscaling=autoscaling())
-    manifest["spec"]["engine"].update({"maxModelLen": 128, "numKvCacheTokens": 128})
-    product.apply(cluster, namespace, manifest)
-    yield namespace
-    cluster.kubectl("delete", "llmd", "--all", "-n", namespace, "--timeout=60s", check=False)
-    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    with product.llmd_namespace(cluster, "e2e-autoscale-tp") as namespace:
+        manifest = product.tiny_manifest(NAME, replicas=1, tensorParallelSize=1, autoscaling=autoscaling())
+        manifest["spec"]["engine"].update({"maxModelLen": 128, "numKvCacheTokens": 128})
+        product.apply(cluster, namespace, manifest)
+        yield namespace
 
 
 def autoscaler_status(cluster: Cluster, namespace: str) -> dict:

@@ -9,7 +9,6 @@ share it and run in file order: 5 switches TP 1 -> 2, 7 switches back to 1 while
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
@@ -25,14 +24,10 @@ OPERATOR_SELECTOR = "app.kubernetes.io/name=pagedserve-operator"
 @pytest.fixture(scope="module")
 def tiny(cluster: Cluster, operator) -> str:
     """A namespace holding `tiny` at TP 1, Ready; removed at the end of the module."""
-    namespace = f"e2e-bluegreen-{os.getpid()}"
-    cluster.kubectl("create", "namespace", namespace)
-    wait_for(lambda: cluster.core.read_namespaced_service_account("default", namespace), 30, "default SA")
-    product.apply(cluster, namespace, product.tiny_manifest(NAME, tensorParallelSize=1))
-    product.wait_phase(cluster, namespace, NAME, "Ready", ready_replicas=1, timeout_s=120)
-    yield namespace
-    cluster.kubectl("delete", "llmd", "--all", "-n", namespace, "--timeout=60s", check=False)
-    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    with product.llmd_namespace(cluster, "e2e-bluegreen") as namespace:
+        product.apply(cluster, namespace, product.tiny_manifest(NAME, tensorParallelSize=1))
+        product.wait_phase(cluster, namespace, NAME, "Ready", ready_replicas=1, timeout_s=120)
+        yield namespace
 
 
 def deployments(cluster: Cluster, namespace: str) -> dict[str, dict]:

@@ -28,14 +28,9 @@ SELECTOR = f"app.kubernetes.io/instance={NAME},app.kubernetes.io/component=runti
 @pytest.fixture(scope="module")
 def served(cluster: Cluster, operator) -> str:
     """A namespace holding `smollm2`, applied from the example; removed at the end of the module."""
-    namespace = f"e2e-llmd-{os.getpid()}"
-    cluster.kubectl("create", "namespace", namespace)
-    wait_for(lambda: cluster.core.read_namespaced_service_account("default", namespace), 30, "default SA")
-    product.apply(cluster, namespace, product.smollm2_manifest(NAME))
-    yield namespace
-    # While the operator still runs: it removes its finalizer, so the namespace can go.
-    cluster.kubectl("delete", "llmd", "--all", "-n", namespace, "--timeout=60s", check=False)
-    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    with product.llmd_namespace(cluster, "e2e-llmd") as namespace:
+        product.apply(cluster, namespace, product.smollm2_manifest(NAME))
+        yield namespace
 
 
 @pytest.fixture(scope="module")
