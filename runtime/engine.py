@@ -134,6 +134,8 @@ class EngineCore:
         )
 
     def _resolve_async_scheduling(self, args: EngineArgs) -> bool:
+        if args.async_scheduling is not None and not isinstance(args.async_scheduling, bool):
+            raise ValueError(f"async_scheduling: must be true, false or null, got {args.async_scheduling!r}")
         if args.async_scheduling is None:
             return self.device.type == "cuda" and args.tensor_parallel_size == 1 and self.spec_config is None
         if args.async_scheduling and (args.tensor_parallel_size != 1 or self.spec_config is not None):

@@ -161,8 +161,10 @@ def test_host_sync_request_joining_mid_run_aborts_and_reused_ids(tiny_model_fact
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
 
 
-def test_async_scheduling_refused_with_speculation(tiny_model_factory):
+def test_async_scheduling_refused_with_speculation_or_a_non_boolean(tiny_model_factory):
     path, _, _ = tiny_model_factory("llama")
     with pytest.raises(ValueError, match="async_scheduling"):
         LLM(path, num_kv_cache_tokens=4096, async_scheduling=True,
             speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="async_scheduling: must be true, false or null"):
+        LLM(path, num_kv_cache_tokens=4096, async_scheduling="false")
