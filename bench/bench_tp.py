@@ -30,19 +30,42 @@ from bench_offline import batch1_latency, roofline, run_ours, workload  # noqa: 
 from gpu_common import LLAMA_8B, environment, llama_param_bytes, measure_ceilings, write_random_llama  # noqa: E402
 
 
-def run_tp(args, shape: dict, tp: int, ceil: dict) -> dict:
-    from pagedserve.runtime import LLM
+def parse_variant(text: str) -> tuple[int, set[str]]:
+    """"2" -> (2, {}); "2:nccl:sync" -> (2, {"nccl", "sync"}): NCCL for every all-reduce, no async scheduling."""
+    size, *flags = text.split(":")
+    unknown = set(flags) - {"nccl", "sync"}
+    if unknown:
+        raise SystemExit(f"--tp-sizes: unknown flag(s) {sorted(unknown)} in {text!r} (known: nccl, sync)")
+    return int(size), set(flags)
 
+
+def run_tp(args, shape: dict, variant: str, ceil: dict) -> dict:
+    from pagedserve.runtime import LLM
+    from pagedserve.runtime.parallel import ALLREDUCE_ENV
+
+    tp, flags = parse_variant(variant)
+    saved = os.environ.get(ALLREDUCE_ENV)
+    os.environ[ALLREDUCE_ENV] = "nccl" if "nccl" in flags else "auto"  # read as the ranks start
     t0 = time.perf_counter()
-    llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=args.max_model_len,
-              gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-              tensor_parallel_size=tp)
-    res: dict = {"tensor_parallel_size": tp, "load_s": time.perf_counter() - t0}
+    try:
+        llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=args.max_model_len,
+                  gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+                  tensor_parallel_size=tp, async_scheduling=False if "sync" in flags else None)
+    finally:
+        if saved is None:
+            os.environ.pop(ALLREDUCE_ENV, None)
+        else:
+            os.environ[ALLREDUCE_ENV] = saved
+    res: dict = {"tensor_parallel_size": tp, "variant": variant, "load_s": time.perf_counter() - t0,
+                 "async_scheduling": llm.engine.async_scheduling,
+                 "peer_all_reduce": getattr(llm.engine.runner, "tp", None) is not None
+                 and llm.engine.runner.tp.peer is not None}
+    tp_label = variant
     try:
         kv_tokens = llm.engine.kv.num_blocks * llm.engine.kv.block_size
         res["kv_capacity_tokens"] = kv_tokens
-        print(f"[TP={tp}] loaded in {res['load_s']:.0f}s; KV capacity {kv_tokens} tokens (each rank holds "
+        print(f"[TP={tp_label}] loaded in {res['load_s']:.0f}s; KV capacity {kv_tokens} tokens (each rank holds "
               f"1/{tp} of every token's K/V)", flush=True)
         vocab = shape["vocab_size"]
         wbytes = llama_param_bytes(shape)
@@ -50,9 +73,11 @@ def run_tp(args, shape: dict, tp: int, ceil: dict) -> dict:
         lat["ceiling_ms"] = wbytes / tp / ceil["copy_GBps"] / 1e6
         lat["fraction_of_ceiling"] = lat["ceiling_ms"] / lat["itl_ms"]
         res["batch1"] = lat
-        print(f"[TP={tp}] batch-1 ITL {lat['itl_ms']:.2f} ms (ceiling {lat['ceiling_ms']:.2f} ms from "
+        print(f"[TP={tp_label}] batch-1 ITL {lat['itl_ms']:.2f} ms (ceiling {lat['ceiling_ms']:.2f} ms from "
               f"{wbytes / tp / 1e9:.1f} GB of weights per GPU: {lat['fraction_of_ceiling']:.0%}), "
               f"TTFT {lat['ttft_s'] * 1e3:.0f} ms", flush=True)
+        if flags and not args.throughput_all:  # an ablation: batch-1 latency only
+            return res
         lens = workload(args.workload, args.num_requests)
         concurrency = int(min(args.max_num_seqs, kv_tokens // np.mean([i + o for i, o in lens])))
         scaled = {"copy_GBps": ceil["copy_GBps"] * tp, "matmul_bf16_TFLOPs": ceil["matmul_bf16_TFLOPs"] * tp}
@@ -62,7 +87,7 @@ def run_tp(args, shape: dict, tp: int, ceil: dict) -> dict:
         r["fraction_of_roofline"] = rl["t_floor_s"] / r["elapsed_s"]
         r["output_tok_per_s_per_gpu"] = r["output_tok_per_s"] / tp
         res["throughput"] = r
-        print(f"[TP={tp}] workload {args.workload}: {len(lens)} reqs, {r['output_tok_per_s']:.0f} out tok/s "
+        print(f"[TP={tp_label}] workload {args.workload}: {len(lens)} reqs, {r['output_tok_per_s']:.0f} out tok/s "
               f"({r['output_tok_per_s_per_gpu']:.0f} per GPU) in {r['elapsed_s']:.1f}s; roofline "
               f"{rl['output_tok_per_s_ceiling']:.0f} ({rl['bound']}-bound) -> {r['fraction_of_roofline']:.0%}",
               flush=True)
@@ -80,7 +105,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", default="/tmp/llama8b")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--tp-sizes", default="1,2")
+    ap.add_argument("--tp-sizes", default="1,2",
+                    help="comma-separated sizes; a size may carry flags: 2:nccl (NCCL for every all-reduce), "
+                         "2:sync (no async scheduling); flagged runs measure batch-1 latency only")
+    ap.add_argument("--throughput-all", action="store_true", help="throughput for flagged runs too")
     ap.add_argument("--workload", default="a", choices=["a", "b"])
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -91,7 +119,8 @@ def main():
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
     args = ap.parse_args()
 
-    sizes = [int(s) for s in args.tp_sizes.split(",")]
+    variants = args.tp_sizes.split(",")
+    sizes = [parse_variant(v)[0] for v in variants]
     if max(sizes) > torch.cuda.device_count():
         raise SystemExit(f"--tp-sizes {args.tp_sizes} needs {max(sizes)} GPUs; {torch.cuda.device_count()} visible")
     shape = dict(LLAMA_8B)
@@ -111,8 +140,8 @@ def main():
     torch.cuda.empty_cache()
 
     result["runs"] = {}
-    for tp in sizes:
-        result["runs"][str(tp)] = run_tp(args, shape, tp, ceil)
+    for variant in variants:
+        result["runs"][variant] = run_tp(args, shape, variant, ceil)
         if args.out:  # keep what finished if a later size fails
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2, default=str)
@@ -120,19 +149,23 @@ def main():
     runs = result["runs"]
     print("\n| TP | batch-1 ITL | ITL ceiling | out tok/s | per GPU | KV tokens | load |\n|---|---|---|---|---|---|---|")
     for tp, r in runs.items():
+        thr = r.get("throughput")
         print(f"| {tp} | {r['batch1']['itl_ms']:.2f} ms | {r['batch1']['ceiling_ms']:.2f} ms | "
-              f"{r['throughput']['output_tok_per_s']:.0f} | {r['throughput']['output_tok_per_s_per_gpu']:.0f} | "
-              f"{r['kv_capacity_tokens']} | {r['load_s']:.0f}s |")
+              f"{thr['output_tok_per_s']:.0f} | {thr['output_tok_per_s_per_gpu']:.0f} | " if thr else
+              f"| {tp} | {r['batch1']['itl_ms']:.2f} ms | {r['batch1']['ceiling_ms']:.2f} ms | - | - | ",
+              f"{r['kv_capacity_tokens']} | {r['load_s']:.0f}s |", sep="")
     if "1" in runs:
         base = runs["1"]
-        result["scaling"] = {
-            tp: {"itl_speedup": base["batch1"]["itl_ms"] / r["batch1"]["itl_ms"],
-                 "throughput_speedup": r["throughput"]["output_tok_per_s"] / base["throughput"]["output_tok_per_s"]}
-            for tp, r in runs.items() if tp != "1"
-        }
-        for tp, s in result["scaling"].items():
-            print(f"TP={tp} vs TP=1: ITL {s['itl_speedup']:.2f}x lower (goal >= 1.6x at TP=2), "
-                  f"throughput {s['throughput_speedup']:.2f}x", flush=True)
+        result["scaling"] = {}
+        for tp, r in runs.items():
+            if tp == "1":
+                continue
+            s = {"itl_speedup": base["batch1"]["itl_ms"] / r["batch1"]["itl_ms"]}
+            if "throughput" in r and "throughput" in base:
+                s["throughput_speedup"] = r["throughput"]["output_tok_per_s"] / base["throughput"]["output_tok_per_s"]
+            result["scaling"][tp] = s
+            print(f"TP={tp} vs TP=1: ITL {s['itl_speedup']:.2f}x lower (goal >= 1.6x at TP=2)"
+                  + (f", throughput {s['throughput_speedup']:.2f}x" if "throughput_speedup" in s else ""), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2, default=str)

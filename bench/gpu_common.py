@@ -125,3 +125,26 @@ def llama_param_bytes(shape: dict, dtype_bytes: int = 2) -> int:
     kvd = shape["num_key_value_heads"] * h // shape["num_attention_heads"]
     per_layer = 2 * h * h + 2 * kvd * h + 3 * h * inter + 2 * h
     return dtype_bytes * (shape["num_hidden_layers"] * per_layer + 2 * v * h + h)
+
+
+def graph_us_per_call(fn, calls: int, reps: int = 20) -> float:
+    """Microseconds per call of a CUDA graph of ``fn()`` replayed ``reps`` times, where one ``fn()`` makes
+    ``calls`` calls (the way a decode step meets them: back to back, no host launch cost)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and settle the allocator outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * calls)

@@ -97,8 +97,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
     eng.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                     help="schedule step N+1 while step N runs on the device (default: on with CUDA, "
-                          "tensor-parallel size 1 and no speculative decoding)")
+                     help="schedule step N+1 while step N runs on the device (default: on with CUDA and "
+                          "no speculative decoding)")
     eng.add_argument("--speculative-config", type=_json_object, default=None,
                      help='speculative decoding as JSON, as vLLM takes it: {"method": "ngram", '
                           '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}')

@@ -3,18 +3,22 @@
 ``TensorParallelRunner`` stands in for ``ModelRunner`` inside ``EngineCore`` (same methods): it starts one
 worker process per extra rank, joins them in a torch.distributed group (gloo on CPU, NCCL on CUDA, the
 rendezvous on a port the OS picks), builds rank 0's shard, and for every step sends the pickled
-``SchedulerOutput`` to each worker before running rank 0's part.
+``SchedulerOutput`` to each worker before running rank 0's part. With async scheduling the step returns once
+rank 0 has launched it: the next step's inputs that are this step's samples are placeholders, which every rank
+fills from the sampled ids rank 0 broadcasts on the device (``ModelRunner.execute``).
 
 Failure is loud and quick. Rank 0's work runs on a thread of its own while the caller waits on it and polls
 the workers: a worker that exits (or is killed) or a step that makes no progress for ``step_timeout_s``
-raises ``TensorParallelError`` from ``execute`` (so ``EngineCore.step()`` raises and the server reports the
-engine dead), and the workers are killed. ``shutdown()`` — also run at interpreter exit and when the runner
+raises ``TensorParallelError`` from ``execute`` — or, for an async step, from waiting on its output, which
+polls the device event and the workers instead of blocking — (so ``EngineCore.step()`` raises and the server
+reports the engine dead), and the workers are killed. ``shutdown()`` — also run at interpreter exit and when the runner
 is garbage-collected — stops every worker; workers also exit by themselves when the engine process is gone.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime
 import json
 import logging
@@ -34,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from pagedserve.runtime.config import CacheConfig, SchedulerConfig
+from pagedserve.runtime.model_runner import DeferredOutput
 from pagedserve.runtime.worker import (
     SHUTDOWN,
     STORE_HOST,
@@ -42,6 +47,7 @@ from pagedserve.runtime.worker import (
     agree_num_blocks,
     build_runner,
     init_rank,
+    leave_process_group,
 )
 
 logger = logging.getLogger("pagedserve.distributed")
@@ -257,15 +263,42 @@ class TensorParallelRunner:
         # The workers capture theirs on their own (spec.capture_cuda_graphs); the collectives pair them up.
         self._call(self.runner.capture_cuda_graphs, timeout=self.spec.setup_timeout_s, what="CUDA graph capture")
 
-    def execute(self, so):
+    def execute(self, so, deferred: bool = False):
+        """Send the step to every worker, run rank 0's part. ``deferred`` (async scheduling): return as soon
+        as rank 0 has launched it; the returned output's ``get()`` waits for the device while watching the
+        workers, so a rank that dies mid-step is still reported within the poll interval."""
         self._raise_if_dead()
-        payload = pickle.dumps(so, protocol=pickle.HIGHEST_PROTOCOL)
+        # The scheduler's Request objects (so.reqs, async scheduling's bookkeeping) stay in this process.
+        step = dataclasses.replace(so, reqs=None) if so.reqs is not None else so
+        payload = pickle.dumps((step, deferred), protocol=pickle.HIGHEST_PROTOCOL)
         for rank, conn in enumerate(self._conns, start=1):
             try:
                 conn.send_bytes(payload)
             except OSError as e:
                 self._fail(f"could not send the step to worker rank {rank}", e, wait_for_exit_s=2.0)
-        return self._call(self.runner.execute, so, timeout=self.step_timeout_s, what="step")
+        out = self._call(self.runner.execute, so, deferred, timeout=self.step_timeout_s, what="step")
+        return _WatchedOutput(self, out) if deferred and isinstance(out, DeferredOutput) else out
+
+    def wait_for_device(self, event) -> None:
+        """Wait for ``event`` (a step rank 0 launched), raising TensorParallelError if a worker dies or the
+        step makes no progress for the step timeout (a blocking wait would never return from a dead peer)."""
+        if event is None or event.query():
+            return
+        start = time.monotonic()
+        next_check = start + 0.05
+        while not event.query():
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 0.05
+                if self._dead_workers():
+                    self._fail("step interrupted", None, wait_for_exit_s=0.0)
+                if now - start > self.step_timeout_s:
+                    self._fail(
+                        f"step made no progress for {self.step_timeout_s:g}s: a tensor-parallel rank is hung "
+                        f"(timeout from {STEP_TIMEOUT_ENV})", None,
+                    )
+            # Spin (yielding the GIL) for the first milliseconds: a decode step is a few ms long.
+            time.sleep(0 if now - start < 0.005 else 0.0002)
 
     # ----------------------------------------------------------------------------- failure and shutdown
     def _call(self, fn, *args, timeout: float, what: str):
@@ -355,9 +388,20 @@ class TensorParallelRunner:
         self._finalizer.detach()
 
 
+class _WatchedOutput:
+    """A deferred step's output whose ``get()`` waits through ``TensorParallelRunner.wait_for_device``."""
+
+    def __init__(self, runner: TensorParallelRunner, inner: DeferredOutput) -> None:
+        self._runner = runner
+        self._inner = inner
+
+    def get(self):
+        self._runner.wait_for_device(self._inner.event)
+        return self._inner.get()
+
+
 def _leave_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group()
 
 
 def _cleanup(procs, conns, thread: _Rank0Thread) -> None:

@@ -41,7 +41,8 @@ class EngineArgs:
     enforce_eager: bool = False
     speculative_config: dict | None = None
     # Schedule step N+1 while step N runs on the device (sampled ids stay there; the host copy is waited for
-    # after N+1 is launched). None: on with CUDA, tensor_parallel_size 1 and no speculative decoding.
+    # after N+1 is launched; with tensor parallelism rank 0 broadcasts them to the other ranks on the device).
+    # None: on with CUDA and no speculative decoding.
     async_scheduling: bool | None = None
 
     @classmethod
@@ -137,11 +138,11 @@ class EngineCore:
         if args.async_scheduling is not None and not isinstance(args.async_scheduling, bool):
             raise ValueError(f"async_scheduling: must be true, false or null, got {args.async_scheduling!r}")
         if args.async_scheduling is None:
-            return self.device.type == "cuda" and args.tensor_parallel_size == 1 and self.spec_config is None
-        if args.async_scheduling and (args.tensor_parallel_size != 1 or self.spec_config is not None):
+            return self.device.type == "cuda" and self.spec_config is None
+        if args.async_scheduling and self.spec_config is not None:
             raise ValueError(
-                "async_scheduling: not supported with tensor_parallel_size > 1 or speculative decoding "
-                "(their steps need the previous step's tokens on the host)"
+                "async_scheduling: not supported with speculative decoding (drafts are made from the previous "
+                "step's tokens on the host)"
             )
         return bool(args.async_scheduling)
 

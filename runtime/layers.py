@@ -65,7 +65,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(read_weight(loaded.narrow(0, self.tp.rank * n, n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -119,9 +119,13 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(nn.Module):
     """``y = x W^T`` with W split by input columns; partial sums are all-reduced."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPGroup = SINGLE):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPGroup = SINGLE,
+                 reduce_in_norm: bool = False):
         super().__init__()
         self.tp = tp
+        # The next layer is an RMSNorm(reduces_input=True) that all-reduces inside its kernel when it can
+        # (TPGroup.reduces_in_norm); never with a bias, which must be added once, after the reduction.
+        self.reduce_in_norm = reduce_in_norm and not bias and tp.size > 1
         self.in_per_rank = divide(in_features, tp.size, "input features")
         self.weight = _param(out_features, self.in_per_rank)
         self.weight.weight_loader = self.weight_loader
@@ -134,8 +138,11 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(read_weight(loaded.narrow(1, self.tp.rank * n, n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.linear(x, self.weight)
+        if self.reduce_in_norm and self.tp.reduces_in_norm(y):
+            return y  # a partial sum: the norm that follows reduces it
         # The bias is added once, after the reduction, not once per rank.
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(y)
         return y + self.bias if self.bias is not None else y
 
 
@@ -176,13 +183,20 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, tp: TPGroup = SINGLE, reduce_slot: int | None = None):
+        """``reduce_slot`` (0 or 1): with a residual, ``x`` is the output of a row-parallel layer built with
+        ``reduce_in_norm`` and may still be a partial sum, reduced here in the norm's kernel; norms that
+        follow each other in the model must alternate slots."""
         super().__init__()
         self.eps = eps
         self.weight = _param(dim)
         self.weight.weight_loader = default_weight_loader
+        self.tp = tp
+        self.reduce_slot = reduce_slot if tp.size > 1 else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.reduce_slot is not None and residual is not None and self.tp.reduces_in_norm(x):
+            return self.tp.add_rms_norm(x, residual, self.weight, self.eps, self.reduce_slot)
         if residual is None:
             return kernels.rms_norm(x, self.weight, self.eps)
         return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)

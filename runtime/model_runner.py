@@ -104,9 +104,9 @@ def kv_bytes_per_token(hf_config, dtype: torch.dtype, tp: TPGroup) -> int:
 def warm_up_cases(max_num_batched_tokens: int, max_model_len: int) -> list[tuple[int, int]]:
     """(query length, sequence length) pairs that reach every constexpr variant of the attention kernels:
     the prefill tile classes (query length <= 16, <= 4096, above; kernels/triton_attention.py ``_config``)
-    and decode with one split and with each power-of-two count of splits (256-token minimum partition)."""
+    and decode with one split and with each power-of-two count of splits (64-token minimum partition)."""
     cases = [(q, q) for q in (2, 17, 4097) if q <= min(max_num_batched_tokens, max_model_len)]
-    seq_len = 256
+    seq_len = 64
     while seq_len < max_model_len:
         cases.append((1, seq_len))
         seq_len *= 2
@@ -319,7 +319,7 @@ class ModelRunner:
         dev = self.device
         ids_np = np.fromiter((t for ids in so.token_ids for t in ids), dtype=np.int64, count=total)
         ids_t = torch.from_numpy(ids_np).to(dev, non_blocking=True)
-        if so.reqs is not None:
+        if self._prev_index:  # async scheduling has run: inputs may name tokens still on the device
             placeholders = np.flatnonzero(ids_np < 0)
             if placeholders.size:  # tokens the previous step sampled, still only on the device
                 prev_index = self._prev_index
@@ -350,6 +350,9 @@ class ModelRunner:
                 last = np.concatenate([last, *(np.arange(tok_start[i], tok_end[i]) for i in spec_idx)])
             logits = self.model.compute_logits(hidden.index_select(0, torch.from_numpy(last).to(dev, non_blocking=True)))
             if logits is None:  # a tensor-parallel rank other than 0: it joined the gather; rank 0 samples
+                if deferred and sample_idx:  # the next step's placeholder inputs are rank 0's samples
+                    ids = torch.empty(len(sample_idx), dtype=torch.long, device=dev)
+                    self._remember_sampled(so, sample_idx, self.tp.broadcast(ids))
                 return ModelRunnerOutput(sampled, None, None)
             if spec_idx:
                 verified = self._verify(so, states, spec_idx, logits[len(sample_idx):], draft_probs)
@@ -357,10 +360,14 @@ class ModelRunner:
                     sampled[i] = toks[-1]
                 logits = logits[:len(sample_idx)]
         if deferred:
-            ids = self.sampler.sample_ids(logits, [states[i].row_for_sampling() for i in sample_idx]) if sample_idx \
-                else torch.empty(0, dtype=torch.long, device=dev)
-            self._prev_sampled = ids
-            self._prev_index = {so.req_ids[i]: j for j, i in enumerate(sample_idx)}
+            if sample_idx:
+                ids = self.sampler.sample_ids(logits, [states[i].row_for_sampling() for i in sample_idx])
+                ids = self.tp.broadcast(ids.to(torch.long).contiguous())  # the other ranks' next inputs
+            else:
+                ids = torch.empty(0, dtype=torch.long, device=dev)
+            self._remember_sampled(so, sample_idx, ids)
+            if self.tp.rank != 0:  # nothing was sampled here (a step of prefill chunks only)
+                return ModelRunnerOutput(sampled, None, None)
             return DeferredOutput(ids, sample_idx, states, len(states))
         if sample_idx:
             rows_in = [states[i].row_for_sampling() for i in sample_idx]
@@ -373,6 +380,11 @@ class ModelRunner:
                 for j, i in enumerate(sample_idx):
                     logprobs[i] = out.logprobs[j]
         return ModelRunnerOutput(sampled, logprobs, prompt_logprobs, verified)
+
+    def _remember_sampled(self, so: SchedulerOutput, sample_idx: list[int], ids: torch.Tensor) -> None:
+        """Keep a deferred step's sampled ids on the device for the next step's placeholder inputs."""
+        self._prev_sampled = ids
+        self._prev_index = {so.req_ids[i]: j for j, i in enumerate(sample_idx)}
 
     def _verify(self, so, states, spec_idx, logits, draft_probs=None) -> dict[int, VerifiedTokens]:
         rows, drafts, eos = [], [], []

@@ -5,11 +5,121 @@ With one rank everything here is a no-op, so the single-GPU and CPU paths pay no
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("pagedserve.parallel")
+
+# "auto" (the default): one-shot all-reduces over peer-mapped memory on CUDA when the GPUs can map each other's
+# memory, NCCL otherwise; "nccl": always NCCL.
+ALLREDUCE_ENV = "PAGEDSERVE_TP_ALLREDUCE"
+# Messages up to this size take the one-shot path (a decode step's activations: batch x hidden x 2 bytes is
+# 2 MiB at batch 256 for a 4096-wide model); larger ones (prefill chunks) go to NCCL's bandwidth-optimal rings.
+PEER_ALLREDUCE_MAX_BYTES = 4 << 20
+# Rows up to which the all-reduce runs inside the RMSNorm kernel (one cross-GPU signal per row). Measured on two
+# H200s (bench/results/allreduce_h200x2.json), per all-reduce + add + norm: 5.5 vs 8.3 us for 1 row, 7.0 vs 8.6
+# for 8, but 11.8 vs 11.1 for 32 and 30.7 vs 16.9 for 128 (the per-row signals add up): larger batches take the
+# one-shot all-reduce and the separate norm.
+FUSED_NORM_MAX_ROWS = 16
+
+
+class PeerAllReduce:
+    """All-reduce for small messages over memory every rank maps (torch symmetric memory: NVLink or PCIe P2P).
+
+    Each rank copies its input into its own slot of a symmetric buffer and one kernel reads every peer's
+    slot and sums them (torch's ``one_shot_all_reduce``, with a signal-pad barrier before the reads and
+    after them, so the buffer can be reused by the next call at once). For decode-sized messages this is a
+    few microseconds against NCCL's ring at roughly 10-20, and a tensor-parallel decode step makes two per
+    layer. It captures into CUDA graphs. NVLink multicast (multimem) is not used: it stays off on shared hosts.
+    """
+
+    def __init__(self, group, device: torch.device, dtype: torch.dtype, max_bytes: int = PEER_ALLREDUCE_MAX_BYTES):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.dtype = dtype
+        self.group_name = group.group_name
+        self.max_numel = max_bytes // torch.tensor([], dtype=dtype).element_size()
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:  # needed by older torch; deprecated (and a no-op) in newer
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                enable(self.group_name)
+        self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
+        self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
+        ops = torch.ops.symm_mem
+        self._copy_out = getattr(ops, "one_shot_all_reduce_copy_out", None)  # copy and reduce in one kernel
+        self._out = ops.one_shot_all_reduce_out
+        # The fused all-reduce + residual add + RMSNorm (kernels.triton_norm.tp_add_rms_norm) has a buffer and
+        # signal pad of its own, in two slots: the model alternates them (after attention: slot 0, after the
+        # MLP: slot 1), so a rank writes a slot again only after its peers have entered the next call, which
+        # they do only after they finished reading that slot.
+        self.rank, self.world = group.rank(), group.size()
+        self.slot_numel = self.max_numel
+        self.norm_buffer = symm_mem.empty(2 * self.slot_numel, dtype=dtype, device=device)
+        norm = symm_mem.rendezvous(self.norm_buffer, self.group_name)
+        self.norm_handle = norm
+        self.norm_buffer_ptrs = torch.tensor(list(norm.buffer_ptrs), dtype=torch.int64, device=device)
+        self.norm_signal_ptrs = torch.tensor(list(norm.signal_pad_ptrs), dtype=torch.int64, device=device)
+        pad_bytes = int(getattr(norm, "signal_pad_size", 0) or 4096)
+        self.norm_max_rows = pad_bytes // (4 * self.world)
+        # Zeroed pads on this rank before make_peer_all_reduce's agreement (a collective every rank joins,
+        # so no rank can signal into a peer's pads before they exist).
+        torch.cuda.synchronize(device)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.dtype and x.is_cuda and x.is_contiguous() and 0 < x.numel() <= self.max_numel
+
+    def fuses_norm(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` (a row-parallel layer's partial output) can be reduced inside the norm that follows."""
+        return (x.dim() == 2 and x.dtype == self.dtype and x.is_cuda and x.is_contiguous()
+                and 0 < x.shape[0] <= min(self.norm_max_rows, FUSED_NORM_MAX_ROWS) and x.numel() <= self.slot_numel)
+
+    def add_rms_norm(self, x, residual, weight, eps: float, slot: int):
+        from pagedserve.kernels.triton_norm import tp_add_rms_norm
+
+        return tp_add_rms_norm(x, residual, weight, eps, self.norm_buffer_ptrs, self.norm_signal_ptrs,
+                               slot * self.slot_numel, self.rank, self.world)
+
+    def all_reduce_(self, x: torch.Tensor) -> None:
+        flat = x.view(-1)
+        buf = self.buffer[: flat.numel()]
+        if self._copy_out is not None:
+            self._copy_out(buf, flat, "sum", self.group_name, flat)
+        else:
+            buf.copy_(flat)
+            self._out(buf, "sum", self.group_name, flat)
+
+
+def make_peer_all_reduce(group, device: torch.device, dtype: torch.dtype) -> PeerAllReduce | None:
+    """A PeerAllReduce for ``group`` if every rank can make one (they agree), else None (NCCL for all).
+
+    Collective: every rank of ``group`` must call it."""
+    mode = os.environ.get(ALLREDUCE_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "nccl"):
+        raise ValueError(f"{ALLREDUCE_ENV}: must be 'auto' or 'nccl', got {mode!r}")
+    # torch's one-shot kernel is built for bf16 and fp32 only; fp16 models keep NCCL.
+    if mode == "nccl" or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float32):
+        return None
+    peer, error = None, None
+    try:
+        peer = PeerAllReduce(group, device, dtype)
+    except Exception as e:  # noqa: BLE001 - no P2P mapping here (or an older torch): NCCL serves instead
+        error = e
+    ok = torch.tensor([1 if peer is not None else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    if int(ok.item()) == 0:
+        if error is not None:
+            logger.warning("one-shot peer all-reduce unavailable (%r); using NCCL for every all-reduce", error)
+        return None
+    logger.info("tensor-parallel all-reduces up to %d KiB: one-shot over peer memory; larger: NCCL",
+                peer.max_numel * peer.buffer.element_size() >> 10)
+    return peer
 
 
 @dataclass(frozen=True)
@@ -19,10 +129,31 @@ class TPGroup:
     # The process group the model's collectives run on (None: the default group). Tensor-parallel engines
     # give it a short timeout of its own, so a hung rank is reported within seconds, not after the default's.
     group: Any = None
+    # One-shot all-reduce for small messages (CUDA, GPUs that map each other's memory); None: NCCL/gloo only.
+    peer: PeerAllReduce | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the ranks, in place."""
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            if self.peer is not None and self.peer.fits(x):
+                self.peer.all_reduce_(x)
+            else:
+                dist.all_reduce(x, group=self.group)
+        return x
+
+    def reduces_in_norm(self, x: torch.Tensor) -> bool:
+        """True when a row-parallel output ``x`` should be left unreduced for the fused all-reduce + add +
+        RMSNorm that follows it (``add_rms_norm``). Depends on the shape only, so every rank agrees."""
+        return self.peer is not None and self.peer.fuses_norm(x)
+
+    def add_rms_norm(self, x, residual, weight, eps: float, slot: int):
+        """``fused_add_rms_norm(all_reduce(x), residual)`` in one kernel (when ``reduces_in_norm(x)``)."""
+        return self.peer.add_rms_norm(x, residual, weight, eps, slot)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``x`` on every rank (in place)."""
+        if self.size > 1:
+            dist.broadcast(x, src=src, group=self.group)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:

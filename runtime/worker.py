@@ -10,6 +10,7 @@ gather keep the ranks in lock step, so the workers send nothing back unless they
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pickle
 import threading
@@ -22,10 +23,13 @@ import torch.distributed as dist
 
 from pagedserve.runtime.config import CacheConfig, SchedulerConfig
 from pagedserve.runtime.model_runner import ModelRunner
-from pagedserve.runtime.parallel import TPGroup
+from pagedserve.runtime.parallel import TPGroup, make_peer_all_reduce
 
 STORE_HOST = "127.0.0.1"
-SHUTDOWN = b""  # the message that stops a worker (a pickled SchedulerOutput is never empty)
+# A path prefix: each worker writes its host timeline (per step: waiting, received, executed) to PREFIX.rankN.json
+# at shutdown. For profiling (bench/profile_tp.py); off by default.
+TRACE_ENV = "PAGEDSERVE_TP_TRACE"
+SHUTDOWN = b""  # the message that stops a worker (a pickled step is never empty)
 # How the engine starts a worker: ``python -c WORKER_BOOT FD SYS_PATH``. Not multiprocessing's spawn, which
 # re-runs the user's main script in the child; and the parent's sys.path is handed over so the worker imports
 # pagedserve from wherever the engine did (an editable install, PYTHONPATH, or a path added at run time).
@@ -74,7 +78,8 @@ def init_rank(spec: RankSpec, rank: int, store: dist.Store) -> TPGroup:
     step_group = dist.new_group(
         list(range(spec.size)), timeout=datetime.timedelta(seconds=spec.step_timeout_s + 5)
     )
-    return TPGroup(rank, spec.size, step_group)
+    peer = make_peer_all_reduce(step_group, spec.device(rank), spec.dtype)
+    return TPGroup(rank, spec.size, step_group, peer)
 
 
 def build_runner(spec: RankSpec, tp: TPGroup, hf_config, weights) -> ModelRunner:
@@ -126,19 +131,45 @@ def worker_main(conn) -> None:
         runner.allocate_kv_cache(agree_num_blocks(runner))
         if spec.capture_cuda_graphs:
             runner.capture_cuda_graphs()
+        trace_path = os.environ.get(TRACE_ENV)
+        trace: list[tuple[float, float, float]] | None = [] if trace_path else None
         while True:
+            t_wait = time.perf_counter()
             try:
                 msg = conn.recv_bytes()
             except EOFError:  # the engine closed its end without a word: it is gone
                 break
             if msg == SHUTDOWN:
                 break
-            runner.execute(pickle.loads(msg))
+            t_recv = time.perf_counter()
+            so, deferred = pickle.loads(msg)
+            runner.execute(so, deferred=deferred)
+            if trace is not None:
+                trace.append((t_wait, t_recv, time.perf_counter()))
+        if trace:
+            with open(f"{trace_path}.rank{rank}.json", "w") as f:
+                json.dump({"columns": ["wait_start", "received", "executed"], "steps": trace}, f)
     except BaseException:  # noqa: BLE001 - reported to rank 0, which names it in its error
         try:
             conn.send(("error", f"rank {rank}: {traceback.format_exc()}"))
         except OSError:
             pass
         os._exit(1)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Leave the tensor-parallel group at shutdown. NCCL communicators are aborted, not destroyed: a
+    destroy can wait on peers that have already exited (measured: rank 0's timed out after 10 s on two H200s)
+    and abort returns at once; gloo groups are destroyed."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        try:
+            _abort_process_group()
+            return
+        except Exception:  # noqa: BLE001 - an older torch without it: destroy below
+            pass
+    dist.destroy_process_group()

@@ -35,6 +35,7 @@ KERNEL_MODULES = (
     "pagedserve.kernels.triton_norm",
     "pagedserve.kernels.triton_pointwise",
     "pagedserve.kernels.triton_ops",
+    "pagedserve.kernels.triton_gemv",
 )
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3}
 
@@ -47,7 +48,7 @@ def _jit_functions(module):
 
 def _load_kernels():
     if RERUN_IN_SUBPROCESS:
-        return None, None, None, None
+        return None, None, None, None, None
     if ON_CUDA:
         return [importlib.import_module(name) for name in KERNEL_MODULES]
     os.environ["TRITON_INTERPRET"] = "1"
@@ -64,7 +65,7 @@ def _load_kernels():
     return mods
 
 
-attention, norm, pointwise, ops = _load_kernels()
+attention, norm, pointwise, ops, gemv = _load_kernels()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -295,6 +296,75 @@ def test_fused_add_rms_norm(dtype):
     assert_same_roundings(out, same_dtype_out)
     assert torch.equal(x, x_before) and torch.equal(residual, residual_before), "inputs must not change"
 
+
+# The fused tensor-parallel all-reduce + residual add + RMSNorm, as rank 0 of a simulated group whose peers
+# have already published their partial sums and signalled: the kernel's signal protocol, the rank-ordered sum
+# and the norm, against fused_add_rms_norm(sum of partials, residual). The two-GPU run against NCCL is in
+# test_peer_allreduce.py.
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3.2e-2)])
+@pytest.mark.parametrize("slot", [0, 1])
+def test_tp_add_rms_norm_as_rank0_of_a_simulated_group(world, dtype, tol, slot):
+    rows, hidden = 5, 96  # hidden not a power of two: masked columns
+    gen = generator("tp-add-rms", world, dtype, slot)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+    partials = [rand(rows, hidden) for _ in range(world)]
+    residual, weight = rand(rows, hidden), rand(hidden)
+    slot_numel = rows * hidden + 7  # slots need not be row-aligned
+    buffers = [torch.full((2 * slot_numel,), float("nan"), dtype=dtype, device=DEVICE) for _ in range(world)]
+    pads = [torch.zeros(rows * world + 3, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+    off = slot * slot_numel
+    for r in range(1, world):  # peers have published their rows and flipped their flag in rank 0's pad
+        buffers[r][off:off + rows * hidden] = partials[r].reshape(-1)
+        for row in range(rows):
+            pads[0][row * world + r] = 1
+    ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device=DEVICE)
+    pad_ptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64, device=DEVICE)
+    residual_before = residual.clone()
+
+    out, new_residual = norm.tp_add_rms_norm(partials[0], residual, weight, 1e-5, ptrs, pad_ptrs, off, 0, world)
+
+    summed = partials[0].float()
+    for p in partials[1:]:
+        summed = summed + p.float()
+    want_out, want_res = reference.fused_add_rms_norm(summed.to(dtype), residual_before, weight, 1e-5)
+    torch.testing.assert_close(new_residual.float(), want_res.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=tol, atol=tol)
+    assert torch.equal(residual, residual_before)  # inputs untouched, like fused_add_rms_norm
+    # Rank 0 published its own rows into its slot (for its peers) and nowhere else.
+    assert torch.equal(buffers[0][off:off + rows * hidden], partials[0].reshape(-1))
+    assert torch.isnan(buffers[0][(1 - slot) * slot_numel:(1 - slot) * slot_numel + rows * hidden]).all()
+    # It consumed every peer's signal (flags back to 0) and signalled every peer (its flag set there).
+    assert pads[0].sum().item() == 0
+    for r in range(1, world):
+        flags = pads[r][:rows * world].view(rows, world)
+        assert flags[:, 0].tolist() == [1] * rows and flags[:, 1:].sum().item() == 0
+
+
+def test_tp_add_rms_norm_checks_shapes():
+    x = torch.zeros(2, 8)
+    ptrs = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="contiguous x"):
+        norm.tp_add_rms_norm(x.t(), x.t(), torch.ones(2), 1e-5, ptrs, ptrs, 0, 0, 2)
+    with pytest.raises(ValueError, match="weight"):
+        norm.tp_add_rms_norm(x, x, torch.ones(3), 1e-5, ptrs, ptrs, 0, 0, 2)
+
+
+# ---------------------------------------------------------------------------------------------- gemv
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
+@pytest.mark.parametrize(("block_n", "block_k"), [(4, 512), (8, 256), (16, 64)])
+def test_gemv(dtype, block_n, block_k):
+    gen = generator("gemv", dtype, block_n, block_k)
+    k, n = 700, 37  # neither a multiple of the tiles: masked rows and columns
+    x = randn(1, k, dtype=dtype, gen=gen)
+    w = randn(n, k, dtype=dtype, gen=gen)
+    out = gemv.gemv(x, w, block_n=block_n, block_k=block_k)
+    check_close(out, x.float() @ w.float().T, dtype, "gemv")
+    with pytest.raises(ValueError, match="one row"):
+        gemv.gemv(randn(2, k, dtype=dtype, gen=gen), w)
 
 # -------------------------------------------------------------------------------------- rotary, silu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)

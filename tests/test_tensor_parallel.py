@@ -94,6 +94,23 @@ def test_tp2_chunked_prefill_preemption_and_logprobs(tiny_model_factory, tp_llms
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
+@pytest.mark.parametrize("kv_heads", [None, 1], ids=["llama", "llama-1kv"])
+def test_tp2_async_scheduling_matches_tp1(tiny_model_factory, tp_llms, kv_heads):
+    """Async scheduling at TP=2: each step's inputs name the previous step's samples (placeholders), which
+    rank 0 broadcasts to the other ranks; chunked prefill and preemption under a small pool included."""
+    overrides = {"num_key_value_heads": kv_heads} if kv_heads else {}
+    path, hf, tok = tiny_model_factory("llama", **overrides)
+    prompts = random_prompts(len(tok), [30, 25, 33, 20, 3], seed=23)
+    kw = dict(num_kv_cache_tokens=160, max_model_len=128, max_num_batched_tokens=8, max_num_seqs=4)
+    tp1 = generate_ids(tp_llms(path, async_scheduling=False, **kw), prompts, 24)
+    llm = tp_llms(path, tensor_parallel_size=2, async_scheduling=True, **kw)
+    assert llm.engine.async_scheduling
+    assert generate_ids(llm, prompts, 24) == tp1
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert tp1[0] == hf_greedy(hf, prompts[0], 24)
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
 def test_tp_size_that_does_not_divide_heads_is_refused(tiny_model_factory):
     path, _, _ = tiny_model_factory("llama")
     before = child_pids()
@@ -102,9 +119,10 @@ def test_tp_size_that_does_not_divide_heads_is_refused(tiny_model_factory):
     assert child_pids() == before  # refused before any worker started
 
 
-def test_killed_worker_is_detected_within_seconds(tiny_model_factory, tp_llms):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_killed_worker_is_detected_within_seconds(tiny_model_factory, tp_llms, async_scheduling):
     path, _, tok = tiny_model_factory("llama")
-    llm = tp_llms(path, num_kv_cache_tokens=2048, tensor_parallel_size=2)
+    llm = tp_llms(path, num_kv_cache_tokens=2048, tensor_parallel_size=2, async_scheduling=async_scheduling)
     engine = llm.engine
     params = SamplingParams(max_tokens=200, **GREEDY)
     engine.add_request(engine.make_request("r0", random_prompts(len(tok), [12], seed=23)[0], params))

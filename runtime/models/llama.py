@@ -46,7 +46,8 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         o_bias = bool(getattr(config, "attention_bias", False)) and not self.qkv_bias_default
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, o_bias, tp)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, o_bias, tp,
+                                        reduce_in_norm=True)
         self.qk_norm = self.qk_norm_default
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -84,7 +85,7 @@ class LlamaMLP(nn.Module):
         bias = bool(getattr(config, "mlp_bias", False))
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias, tp)
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, tp)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, tp, reduce_in_norm=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
@@ -97,8 +98,11 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = self.attention_cls(config, tp, cos_sin_cache)
         self.mlp = LlamaMLP(config, tp)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # With tensor parallelism the o_proj and down_proj outputs are all-reduced inside these norms where
+        # they can be (RMSNorm.reduce_slot); consecutive norms alternate slots: post-attention 0, the next
+        # layer's input norm (or the final norm) 1.
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp, reduce_slot=1)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp, reduce_slot=0)
 
     def forward(self, positions, x, residual, meta):
         if residual is None:
@@ -123,7 +127,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             [self.layer_cls(config, tp, self.cos_sin_cache) for _ in range(config.num_hidden_layers)]
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp, reduce_slot=1)
 
     def forward(self, input_ids, positions, meta):
         x = self.embed_tokens(input_ids)
