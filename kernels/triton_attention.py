@@ -275,7 +275,7 @@ def _split_counters(n: int, device: torch.device) -> torch.Tensor:
 
 def decode_partition_size(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device,
-    min_partition: int = 256, programs_per_sm: int = 4,
+    min_partition: int = 64, programs_per_sm: int = 4,
 ) -> int:
     """Tokens per split: enough splits to give the device ``programs_per_sm`` programs per SM, but none
     shorter than ``min_partition`` tokens (each split pays a query load and a partial-output write)."""

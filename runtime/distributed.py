@@ -282,11 +282,11 @@ class TensorParallelRunner:
     def wait_for_device(self, event) -> None:
         """Wait for ``event`` (a step rank 0 launched), raising TensorParallelError if a worker dies or the
         step makes no progress for the step timeout (a blocking wait would never return from a dead peer)."""
-        if event is None or event.query():
+        if event is None or self._query(event):
             return
         start = time.monotonic()
         next_check = start + 0.05
-        while not event.query():
+        while not self._query(event):
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 0.05
@@ -299,6 +299,29 @@ class TensorParallelRunner:
                     )
             # Spin (yielding the GIL) for the first milliseconds: a decode step is a few ms long.
             time.sleep(0 if now - start < 0.005 else 0.0002)
+
+    def _query(self, event) -> bool:
+        try:
+            return event.query()
+        except Exception as e:  # noqa: BLE001 - a CUDA error on rank 0: the engine cannot go on
+            self._fail("step failed on rank 0's device", e, wait_for_exit_s=0.5)
+
+    def _drain(self, timeout: float) -> None:
+        """Wait (up to ``timeout``, while every worker lives) for the work rank 0 has queued on its GPU: a step
+        still in flight at shutdown needs its peers, and a worker that left first would leave rank 0's
+        collective kernels waiting for it forever."""
+        if self.spec.device_type != "cuda" or self.dead_reason is not None:
+            return
+        try:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.runner.device))
+            deadline = time.monotonic() + timeout
+            while not event.query():
+                if self._dead_workers() or time.monotonic() > deadline:
+                    return
+                time.sleep(0.001)
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            return
 
     # ----------------------------------------------------------------------------- failure and shutdown
     def _call(self, fn, *args, timeout: float, what: str):
@@ -376,6 +399,8 @@ class TensorParallelRunner:
         if self._closed:
             return
         self._closed = True
+        if graceful_s > 0:
+            self._drain(graceful_s)
         _stop_workers(self._procs, self._conns, graceful_s)
         # Leave the process group on rank 0's thread (after any call stuck there has failed, now that its
         # peers are gone), so a later engine in this process can form a new one.
@@ -397,7 +422,10 @@ class _WatchedOutput:
 
     def get(self):
         self._runner.wait_for_device(self._inner.event)
-        return self._inner.get()
+        try:
+            return self._inner.get()
+        except Exception as e:  # noqa: BLE001 - reading the sampled ids back failed: report the engine dead
+            self._runner._fail("reading a step's sampled tokens failed on rank 0", e, wait_for_exit_s=0.5)
 
 
 def _leave_group() -> None:

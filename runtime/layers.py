@@ -123,8 +123,9 @@ class RowParallelLinear(nn.Module):
                  reduce_in_norm: bool = False):
         super().__init__()
         self.tp = tp
-        # The next layer is an RMSNorm(reduces_input=True) that all-reduces inside its kernel when it can
-        # (TPGroup.reduces_in_norm); never with a bias, which must be added once, after the reduction.
+        # The next layer is an RMSNorm built with a reduce_slot that all-reduces inside its kernel when it can
+        # (TPGroup.reduces_in_norm); never with a bias, which must be added once, after the reduction (the
+        # model gives the norm a slot only when this is True).
         self.reduce_in_norm = reduce_in_norm and not bias and tp.size > 1
         self.in_per_rank = divide(in_features, tp.size, "input features")
         self.weight = _param(out_features, self.in_per_rank)

@@ -319,13 +319,17 @@ class ModelRunner:
         dev = self.device
         ids_np = np.fromiter((t for ids in so.token_ids for t in ids), dtype=np.int64, count=total)
         ids_t = torch.from_numpy(ids_np).to(dev, non_blocking=True)
-        if self._prev_index:  # async scheduling has run: inputs may name tokens still on the device
-            placeholders = np.flatnonzero(ids_np < 0)
-            if placeholders.size:  # tokens the previous step sampled, still only on the device
-                prev_index = self._prev_index
-                src = [prev_index[so.req_ids[r]] for r in token_req[placeholders].tolist()]
-                ids_t[torch.from_numpy(placeholders).to(dev, non_blocking=True)] = self._prev_sampled[
-                    to_device(src, torch.long, dev)]
+        placeholders = np.flatnonzero(ids_np < 0)
+        if placeholders.size:  # tokens the previous (deferred) step sampled, still only on the device
+            if not self._prev_index:
+                raise RuntimeError("a step's inputs name tokens sampled by a previous step, but that step did "
+                                   "not keep them on the device (a deferred step must precede it)")
+            prev_index = self._prev_index
+            src = [prev_index[so.req_ids[r]] for r in token_req[placeholders].tolist()]
+            ids_t[torch.from_numpy(placeholders).to(dev, non_blocking=True)] = self._prev_sampled[
+                to_device(src, torch.long, dev)]
+        if not deferred:  # this step's samples reach the host: the next step's inputs are all real tokens
+            self._prev_index = {}
         hidden, tok_start, tok_end = self.run_model(
             self.model, self.graphs, ids_t, positions, slots, block_tables, seq_lens, cu, num_sched, starts
         )

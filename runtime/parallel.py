@@ -73,7 +73,9 @@ class PeerAllReduce:
         torch.cuda.synchronize(device)
 
     def fits(self, x: torch.Tensor) -> bool:
-        return x.dtype == self.dtype and x.is_cuda and x.is_contiguous() and 0 < x.numel() <= self.max_numel
+        # torch's one-shot kernel needs a byte count divisible by 4 (bf16: an even number of elements).
+        return (x.dtype == self.dtype and x.is_cuda and x.is_contiguous() and 0 < x.numel() <= self.max_numel
+                and (x.numel() * x.element_size()) % 4 == 0)
 
     def fuses_norm(self, x: torch.Tensor) -> bool:
         """Whether ``x`` (a row-parallel layer's partial output) can be reduced inside the norm that follows."""
@@ -106,20 +108,45 @@ def make_peer_all_reduce(group, device: torch.device, dtype: torch.dtype) -> Pee
     # torch's one-shot kernel is built for bf16 and fp32 only; fp16 models keep NCCL.
     if mode == "nccl" or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float32):
         return None
+    # First what each rank can tell alone (the rendezvous below is itself a collective: a rank that skipped
+    # it would leave the others waiting in it), agreed by all; then the set-up, agreed again.
+    reason = _local_peer_problem(device, group.size())
+    if not _all_agree(reason is None, group, device):
+        if reason is not None:
+            logger.warning("one-shot peer all-reduce unavailable (%s); using NCCL for every all-reduce", reason)
+        return None
     peer, error = None, None
     try:
         peer = PeerAllReduce(group, device, dtype)
-    except Exception as e:  # noqa: BLE001 - no P2P mapping here (or an older torch): NCCL serves instead
+    except Exception as e:  # noqa: BLE001 - the mapping failed after all: NCCL serves instead
         error = e
-    ok = torch.tensor([1 if peer is not None else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
-    if int(ok.item()) == 0:
+    if not _all_agree(peer is not None, group, device):
         if error is not None:
             logger.warning("one-shot peer all-reduce unavailable (%r); using NCCL for every all-reduce", error)
         return None
     logger.info("tensor-parallel all-reduces up to %d KiB: one-shot over peer memory; larger: NCCL",
                 peer.max_numel * peer.buffer.element_size() >> 10)
     return peer
+
+
+def _local_peer_problem(device: torch.device, world: int) -> str | None:
+    """Why this rank cannot use the one-shot path, as far as it can tell alone (ranks use cuda:0..world-1)."""
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+
+        torch.ops.symm_mem.one_shot_all_reduce_out  # noqa: B018 - raises on a torch without the op
+    except Exception as e:  # noqa: BLE001
+        return f"torch symmetric memory is missing: {e!r}"
+    for other in range(world):
+        if other != device.index and not torch.cuda.can_device_access_peer(device.index, other):
+            return f"cuda:{device.index} cannot map cuda:{other}'s memory (no peer access)"
+    return None
+
+
+def _all_agree(ok: bool, group, device: torch.device) -> bool:
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@ ranks 1..N-1 run in their own processes.
 
 Rank 0 is the engine process itself (see :mod:`pagedserve.runtime.distributed`): it runs the scheduler and
 sends each step's ``SchedulerOutput`` down a pipe to every other rank, which executes it on its own shard of
-the weights and its own slice of the KV cache. Only rank 0 samples. The model's all-reduces and the logits
-gather keep the ranks in lock step, so the workers send nothing back unless they fail.
+the weights and its own slice of the KV cache. Only rank 0 samples; with async scheduling it broadcasts the
+sampled ids on the device, and the workers fill the next step's placeholder inputs from them. The model's
+collectives keep the ranks' GPUs in lock step, while a worker's host may run a step ahead of its GPU; the
+workers send nothing back unless they fail.
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ def worker_main(conn) -> None:
             except EOFError:  # the engine closed its end without a word: it is gone
                 break
             if msg == SHUTDOWN:
+                if spec.device_type == "cuda":  # rank 0 drained its queue first; let ours finish the same steps
+                    torch.cuda.synchronize()
                 break
             t_recv = time.perf_counter()
             so, deferred = pickle.loads(msg)
@@ -165,9 +169,9 @@ def leave_process_group() -> None:
     if not dist.is_initialized():
         return
     if dist.get_backend() == "nccl":
-        from torch.distributed.distributed_c10d import _abort_process_group
-
         try:
+            from torch.distributed.distributed_c10d import _abort_process_group
+
             _abort_process_group()
             return
         except Exception:  # noqa: BLE001 - an older torch without it: destroy below

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -115,7 +116,10 @@ def _fused_norm_cases(rank, peer_tp, nccl_tp, dev, gen):
     return cases
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not torch.cuda.can_device_access_peer(0, 1),
+    reason="needs 2 CUDA GPUs with peer access",
+)
 def test_peer_all_reduce_and_fused_norm_match_nccl_eager_and_in_a_graph():
     import torch.multiprocessing as mp
 
@@ -125,8 +129,12 @@ def test_peer_all_reduce_and_fused_norm_match_nccl_eager_and_in_a_graph():
     try:
         results = queue.get(timeout=180)  # before joining: rank 0 cannot exit until its results are read
     finally:
-        while not procs.join(timeout=60):
-            pass
+        deadline = time.monotonic() + 120
+        while not procs.join(timeout=5):  # raises with the rank's traceback if one failed
+            if time.monotonic() > deadline:  # a rank stuck in a kernel: do not hang the test run
+                for p in procs.processes:
+                    p.kill()
+                pytest.fail("a rank did not exit within 120 s of its results")
     assert results["peer"], "the one-shot all-reduce was not set up on two GPUs"
     for shape, *arrays in results["cases"]:
         want, eager, ref, graphed = (torch.from_numpy(a) for a in arrays)

@@ -109,6 +109,39 @@ def test_tp2_async_scheduling_matches_tp1(tiny_model_factory, tp_llms, kv_heads)
     assert llm.engine.scheduler.num_preemptions > 0
     assert tp1[0] == hf_greedy(hf, prompts[0], 24)
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    # A request that needs its logprobs on the host turns the engine synchronous while it runs (8 tokens) and
+    # async again after it: the steps on both sides of each switch keep the other requests' tokens right.
+    mixed = [SamplingParams(max_tokens=24, **GREEDY)] * 4 + [SamplingParams(max_tokens=8, logprobs=1, **GREEDY)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], mixed)
+    assert [o.outputs[0].token_ids for o in outs[:4]] == tp1[:4]
+    assert outs[4].outputs[0].token_ids == tp1[4][:8] and len(outs[4].outputs[0].logprobs) == 8
+
+
+def test_async_wait_reports_a_dead_or_hung_worker(tiny_model_factory, tp_llms):
+    """Waiting for an async step's device work (an event that is never done here) still watches the workers:
+    a dead one is named within the poll interval, and a step that never finishes fails after the timeout."""
+
+    class NeverDone:
+        def query(self) -> bool:
+            return False
+
+    path, _, _ = tiny_model_factory("llama")
+    runner = tp_llms(path, num_kv_cache_tokens=2048, tensor_parallel_size=2, async_scheduling=True).engine.runner
+    runner.step_timeout_s = 0.5
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelError, match="no progress for 0.5s"):
+        runner.wait_for_device(NeverDone())
+    assert 0.4 < time.monotonic() - t0 < 3.0
+    with pytest.raises(TensorParallelError, match="dead"):  # the engine stays dead
+        runner.check_health()
+
+    runner = tp_llms(path, num_kv_cache_tokens=2048, tensor_parallel_size=2, async_scheduling=True).engine.runner
+    [pid] = runner.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelError, match=rf"worker rank 1 \(pid {pid}\) was killed by SIGKILL"):
+        runner.wait_for_device(NeverDone())
+    assert time.monotonic() - t0 < 3.0
 
 
 def test_tp_size_that_does_not_divide_heads_is_refused(tiny_model_factory):
@@ -256,3 +289,31 @@ def test_qkv_shards_pick_the_kv_head_of_their_query_heads(size, heads, kv_heads)
         assert torch.equal(rows[: len(q_heads)], q.view(heads, head_dim, hidden)[q_heads])
         assert torch.equal(rows[len(q_heads): len(q_heads) + len(kv_of)], k.view(kv_heads, head_dim, hidden)[kv_of])
         assert torch.equal(rows[len(q_heads) + len(kv_of):], v.view(kv_heads, head_dim, hidden)[kv_of])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "post_attention", "input_and_final"),
+    [({}, 0, 1), ({"attention_bias": True}, None, 1), ({"mlp_bias": True}, 0, None)],
+    ids=["no-bias", "o_proj-bias", "mlp-bias"],
+)
+def test_norms_reduce_only_what_their_projection_left_unreduced(overrides, post_attention, input_and_final):
+    """At TP>1 a norm all-reduces its input (the fused kernel) only when the projection before it skipped its
+    own all-reduce; a projection with a bias reduces itself (the bias is added once, after the sum), so a
+    norm that also reduced would multiply the hidden state by the number of ranks."""
+    from transformers import LlamaConfig
+
+    from pagedserve.runtime.models import get_model_class
+    from pagedserve.runtime.parallel import TPGroup
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"], **overrides)
+    model = get_model_class(cfg.architectures)(cfg, TPGroup(0, 2))
+    inner = model.model
+    for layer in inner.layers:
+        assert layer.self_attn.o_proj.reduce_in_norm == (post_attention is not None)
+        assert layer.mlp.down_proj.reduce_in_norm == (input_and_final is not None)
+        assert layer.post_attention_layernorm.reduce_slot == post_attention
+        assert layer.input_layernorm.reduce_slot == input_and_final
+    assert inner.norm.reduce_slot == input_and_final
+    single = get_model_class(cfg.architectures)(cfg, TPGroup(0, 1))  # one rank: nothing to reduce anywhere
+    assert single.model.norm.reduce_slot is None and not single.model.layers[0].self_attn.o_proj.reduce_in_norm

@@ -98,11 +98,16 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = self.attention_cls(config, tp, cos_sin_cache)
         self.mlp = LlamaMLP(config, tp)
-        # With tensor parallelism the o_proj and down_proj outputs are all-reduced inside these norms where
-        # they can be (RMSNorm.reduce_slot); consecutive norms alternate slots: post-attention 0, the next
-        # layer's input norm (or the final norm) 1.
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp, reduce_slot=1)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp, reduce_slot=0)
+        # With tensor parallelism the o_proj and down_proj outputs are all-reduced inside the norm that
+        # follows them where they can be (RMSNorm.reduce_slot), but only when that projection leaves its output
+        # unreduced (no bias). Consecutive fused norms alternate slots: post-attention 0, the next layer's
+        # input norm (or the final norm) 1; when only one kind is fused, the all-reduce of the other kind
+        # between two calls is a full barrier, which protects the shared slot as well.
+        down_deferred = self.mlp.down_proj.reduce_in_norm  # feeds the next layer's input norm (same config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp,
+                                       reduce_slot=1 if down_deferred else None)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp,
+                                                reduce_slot=0 if self.self_attn.o_proj.reduce_in_norm else None)
 
     def forward(self, positions, x, residual, meta):
         if residual is None:
@@ -127,7 +132,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             [self.layer_cls(config, tp, self.cos_sin_cache) for _ in range(config.num_hidden_layers)]
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp, reduce_slot=1)
+        last_down = self.layers[-1].mlp.down_proj if len(self.layers) else None
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp,
+                            reduce_slot=1 if last_down is not None and last_down.reduce_in_norm else None)
 
     def forward(self, input_ids, positions, meta):
         x = self.embed_tokens(input_ids)
