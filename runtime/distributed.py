@@ -202,6 +202,7 @@ class TensorParallelRunner:
         tensor_parallel_size: int,
         seed: int = 0,
         capture_cuda_graphs: bool = False,
+        spec_query_len: int | None = None,
     ) -> None:
         check_tensor_parallel_size(source.config, tensor_parallel_size, device.type)
         if dist.is_initialized():
@@ -229,6 +230,7 @@ class TensorParallelRunner:
         self.spec = RankSpec(
             model=source.path, dtype=dtype, device_type=device.type, cache_config=cache_config,
             scheduler_config=scheduler_config, seed=seed, capture_cuda_graphs=capture_cuda_graphs,
+            spec_query_len=spec_query_len,
             size=self.size, store_port=store.port, setup_timeout_s=setup_timeout_s,
             step_timeout_s=self.step_timeout_s,
         )
@@ -259,9 +261,13 @@ class TensorParallelRunner:
         self._call(self.runner.allocate_kv_cache, num_blocks, timeout=self.spec.setup_timeout_s,
                    what="KV allocation")
 
-    def capture_cuda_graphs(self) -> None:
-        # The workers capture theirs on their own (spec.capture_cuda_graphs); the collectives pair them up.
-        self._call(self.runner.capture_cuda_graphs, timeout=self.spec.setup_timeout_s, what="CUDA graph capture")
+    def capture_cuda_graphs(self, spec_query_len: int | None = None) -> None:
+        # The workers capture theirs on their own (spec.capture_cuda_graphs, spec.spec_query_len); the
+        # collectives pair them up, so every rank must capture the same shapes.
+        if spec_query_len != self.spec.spec_query_len:
+            raise ValueError(f"spec_query_len {spec_query_len} differs from the workers' {self.spec.spec_query_len}")
+        self._call(self.runner.capture_cuda_graphs, spec_query_len, timeout=self.spec.setup_timeout_s,
+                   what="CUDA graph capture")
 
     def execute(self, so, deferred: bool = False):
         """Send the step to every worker, run rank 0's part. ``deferred`` (async scheduling): return as soon

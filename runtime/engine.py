@@ -92,6 +92,9 @@ class EngineCore:
             num_kv_cache_tokens=args.num_kv_cache_tokens,
             enable_prefix_caching=args.enable_prefix_caching,
         )
+        # Speculative decoding: verification steps run k + 1 query tokens per request, captured as graphs of
+        # their own (at every tensor-parallel degree; each rank captures the same shapes).
+        spec_query_len = self.spec_config.num_speculative_tokens + 1 if self.spec_config is not None else None
         if args.tensor_parallel_size == 1:
             self.runner = ModelRunner(
                 cfg, self.source.iter_weights(), self.dtype, self.device, self.cache_config,
@@ -104,15 +107,13 @@ class EngineCore:
                 self.source, self.dtype, self.device, self.cache_config, self.scheduler_config,
                 args.tensor_parallel_size, seed=args.seed,
                 capture_cuda_graphs=self.device.type == "cuda" and not args.enforce_eager,
+                spec_query_len=spec_query_len,
             )
         drafter = self._load_draft_model(self.spec_config)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         if self.device.type == "cuda" and not args.enforce_eager:
-            if self.spec_config is not None and args.tensor_parallel_size == 1:
-                self.runner.capture_cuda_graphs(spec_query_len=self.spec_config.num_speculative_tokens + 1)
-            else:
-                self.runner.capture_cuda_graphs()
+            self.runner.capture_cuda_graphs(spec_query_len=spec_query_len)
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.proposer = self._make_proposer(self.spec_config)

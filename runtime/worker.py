@@ -57,6 +57,7 @@ class RankSpec:
     store_port: int
     setup_timeout_s: float
     step_timeout_s: float
+    spec_query_len: int | None = None  # speculative decoding: also capture graphs of k + 1 query tokens
 
     @property
     def backend(self) -> str:
@@ -132,7 +133,7 @@ def worker_main(conn) -> None:
         runner = build_runner(spec, tp, source.config, source.iter_weights())
         runner.allocate_kv_cache(agree_num_blocks(runner))
         if spec.capture_cuda_graphs:
-            runner.capture_cuda_graphs()
+            runner.capture_cuda_graphs(spec.spec_query_len)
         trace_path = os.environ.get(TRACE_ENV)
         trace: list[tuple[float, float, float]] | None = [] if trace_path else None
         while True:

@@ -39,3 +39,24 @@ def test_cuda_graph_decode_equals_eager(tiny_model_factory):
     assert graphed.engine.runner.graphs is not None
     out = graphed.generate([{"prompt_token_ids": p} for p in ps], sp)
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in eager]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_cuda_tp2_speculation_through_graphs_matches_hf(tiny_model_factory):
+    """TP=2 on two GPUs, fp32, ngram speculation: verification steps replay the k + 1-token graphs every rank
+    captured (with the peer all-reduce and the all-reduce fused into the norm inside them); greedy tokens
+    equal HF's."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path, hf, tok = tiny_model_factory("llama")
+    ps = [p * 3 for p in prompts(len(tok), [5, 7, 9], seed=3)]  # repetitive: prompt lookup finds drafts
+    llm = LLM(path, device="cuda", dtype="float32", num_kv_cache_tokens=8192, max_model_len=256,
+              tensor_parallel_size=2, speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    try:
+        assert llm.engine.runner.runner.graphs.query_lens == (1, 4)
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps],
+                            SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+        for p, o in zip(ps, outs, strict=True):
+            assert o.outputs[0].token_ids == hf_greedy(hf, p, 24)
+        assert llm.engine.spec_stats.num_accepted_tokens > 0
+    finally:
+        llm.engine.shutdown()

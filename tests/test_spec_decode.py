@@ -202,6 +202,7 @@ def test_tensor_parallel_2_with_speculation(tiny_model_factory):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     llm = LLM(path, num_kv_cache_tokens=2048, tensor_parallel_size=2, speculative_config=ngram(k=4))
     try:
+        assert llm.engine.runner.spec.spec_query_len == 5  # on CUDA every rank captures k + 1-token graphs
         got = generate(llm, prompts, params)
         for p, g in zip(prompts, got, strict=True):
             assert g.token_ids == hf_greedy(hf, p, 24)
