@@ -61,11 +61,10 @@ def run_tp(args, shape: dict, variant: str, ceil: dict) -> dict:
                  "async_scheduling": llm.engine.async_scheduling,
                  "peer_all_reduce": getattr(llm.engine.runner, "tp", None) is not None
                  and llm.engine.runner.tp.peer is not None}
-    tp_label = variant
     try:
         kv_tokens = llm.engine.kv.num_blocks * llm.engine.kv.block_size
         res["kv_capacity_tokens"] = kv_tokens
-        print(f"[TP={tp_label}] loaded in {res['load_s']:.0f}s; KV capacity {kv_tokens} tokens (each rank holds "
+        print(f"[TP={variant}] loaded in {res['load_s']:.0f}s; KV capacity {kv_tokens} tokens (each rank holds "
               f"1/{tp} of every token's K/V)", flush=True)
         vocab = shape["vocab_size"]
         wbytes = llama_param_bytes(shape)
@@ -73,7 +72,7 @@ def run_tp(args, shape: dict, variant: str, ceil: dict) -> dict:
         lat["ceiling_ms"] = wbytes / tp / ceil["copy_GBps"] / 1e6
         lat["fraction_of_ceiling"] = lat["ceiling_ms"] / lat["itl_ms"]
         res["batch1"] = lat
-        print(f"[TP={tp_label}] batch-1 ITL {lat['itl_ms']:.2f} ms (ceiling {lat['ceiling_ms']:.2f} ms from "
+        print(f"[TP={variant}] batch-1 ITL {lat['itl_ms']:.2f} ms (ceiling {lat['ceiling_ms']:.2f} ms from "
               f"{wbytes / tp / 1e9:.1f} GB of weights per GPU: {lat['fraction_of_ceiling']:.0%}), "
               f"TTFT {lat['ttft_s'] * 1e3:.0f} ms", flush=True)
         if flags and not args.throughput_all:  # an ablation: batch-1 latency only
@@ -87,7 +86,7 @@ def run_tp(args, shape: dict, variant: str, ceil: dict) -> dict:
         r["fraction_of_roofline"] = rl["t_floor_s"] / r["elapsed_s"]
         r["output_tok_per_s_per_gpu"] = r["output_tok_per_s"] / tp
         res["throughput"] = r
-        print(f"[TP={tp_label}] workload {args.workload}: {len(lens)} reqs, {r['output_tok_per_s']:.0f} out tok/s "
+        print(f"[TP={variant}] workload {args.workload}: {len(lens)} reqs, {r['output_tok_per_s']:.0f} out tok/s "
               f"({r['output_tok_per_s_per_gpu']:.0f} per GPU) in {r['elapsed_s']:.1f}s; roofline "
               f"{rl['output_tok_per_s_ceiling']:.0f} ({rl['bound']}-bound) -> {r['fraction_of_roofline']:.0%}",
               flush=True)

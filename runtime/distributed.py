@@ -288,23 +288,33 @@ class TensorParallelRunner:
     def wait_for_device(self, event) -> None:
         """Wait for ``event`` (a step rank 0 launched), raising TensorParallelError if a worker dies or the
         step makes no progress for the step timeout (a blocking wait would never return from a dead peer)."""
-        if event is None or self._query(event):
-            return
+        stopped = self._poll(event, self.step_timeout_s, self._query)
+        if stopped == "dead":
+            self._fail("step interrupted", None, wait_for_exit_s=0.0)
+        if stopped == "timeout":
+            self._fail(
+                f"step made no progress for {self.step_timeout_s:g}s: a tensor-parallel rank is hung "
+                f"(timeout from {STEP_TIMEOUT_ENV})", None,
+            )
+
+    def _poll(self, event, timeout: float, query) -> str | None:
+        """Poll ``query(event)`` until it is done (None), a worker has died ("dead") or ``timeout`` has passed
+        ("timeout"). Spins (yielding the GIL) for the first milliseconds, a decode step being a few ms long,
+        then sleeps 0.2 ms between polls; the workers are checked every 50 ms."""
+        if event is None or query(event):
+            return None
         start = time.monotonic()
         next_check = start + 0.05
-        while not self._query(event):
+        while not query(event):
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 0.05
                 if self._dead_workers():
-                    self._fail("step interrupted", None, wait_for_exit_s=0.0)
-                if now - start > self.step_timeout_s:
-                    self._fail(
-                        f"step made no progress for {self.step_timeout_s:g}s: a tensor-parallel rank is hung "
-                        f"(timeout from {STEP_TIMEOUT_ENV})", None,
-                    )
-            # Spin (yielding the GIL) for the first milliseconds: a decode step is a few ms long.
+                    return "dead"
+                if now - start > timeout:
+                    return "timeout"
             time.sleep(0 if now - start < 0.005 else 0.0002)
+        return None
 
     def _query(self, event) -> bool:
         try:
@@ -315,17 +325,13 @@ class TensorParallelRunner:
     def _drain(self, timeout: float) -> None:
         """Wait (up to ``timeout``, while every worker lives) for the work rank 0 has queued on its GPU: a step
         still in flight at shutdown needs its peers, and a worker that left first would leave rank 0's
-        collective kernels waiting for it forever."""
+        collective kernels waiting for it forever. Best effort: any failure just ends the wait."""
         if self.spec.device_type != "cuda" or self.dead_reason is not None:
             return
         try:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.runner.device))
-            deadline = time.monotonic() + timeout
-            while not event.query():
-                if self._dead_workers() or time.monotonic() > deadline:
-                    return
-                time.sleep(0.001)
+            self._poll(event, timeout, lambda e: e.query())
         except Exception:  # noqa: BLE001 - best effort at shutdown
             return
 

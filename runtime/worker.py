@@ -137,7 +137,7 @@ def worker_main(conn) -> None:
         trace_path = os.environ.get(TRACE_ENV)
         trace: list[tuple[float, float, float]] | None = [] if trace_path else None
         while True:
-            t_wait = time.perf_counter()
+            t_wait = time.perf_counter() if trace is not None else 0.0
             try:
                 msg = conn.recv_bytes()
             except EOFError:  # the engine closed its end without a word: it is gone
@@ -146,7 +146,7 @@ def worker_main(conn) -> None:
                 if spec.device_type == "cuda":  # rank 0 drained its queue first; let ours finish the same steps
                     torch.cuda.synchronize()
                 break
-            t_recv = time.perf_counter()
+            t_recv = time.perf_counter() if trace is not None else 0.0
             so, deferred = pickle.loads(msg)
             runner.execute(so, deferred=deferred)
             if trace is not None:
