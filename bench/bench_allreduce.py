@@ -43,17 +43,17 @@ def _norm_timings(nccl_tp, peer_tp, work: torch.Tensor, ops: int, gen) -> dict:
     res = torch.randn(work.shape, device=work.device, dtype=work.dtype, generator=gen)
     weight = torch.randn(work.shape[-1], device=work.device, dtype=work.dtype, generator=gen)
     out = {"nccl_then_norm_us": graph_us_per_call(
-        lambda: fused_add_rms_norm(nccl_tp.all_reduce(work), res, weight, 1e-5), ops)}
+        lambda: [fused_add_rms_norm(nccl_tp.all_reduce(work), res, weight, 1e-5) for _ in range(ops)], ops)}
     if peer_tp is not None:
         out["peer_then_norm_us"] = graph_us_per_call(
-            lambda: fused_add_rms_norm(peer_tp.all_reduce(work), res, weight, 1e-5), ops)
+            lambda: [fused_add_rms_norm(peer_tp.all_reduce(work), res, weight, 1e-5) for _ in range(ops)], ops)
         calls = [0]
 
         def fused():
             calls[0] += 1
             return peer_tp.add_rms_norm(work, res, weight, 1e-5, calls[0] % 2)
 
-        out["fused_norm_us"] = graph_us_per_call(fused, ops)
+        out["fused_norm_us"] = graph_us_per_call(lambda: [fused() for _ in range(ops)], ops)
     return out
 
 
@@ -92,9 +92,10 @@ def _rank_main(rank: int, world: int, port: int, ops: int, hidden: int, queue) -
             torch.cuda.synchronize()
             row["graph_max_abs_diff_vs_nccl"] = (buf.float() - want.float()).abs().max().item()
         work = x.clone()
-        row["nccl_graph_us"] = graph_us_per_call(lambda w=work: nccl_tp.all_reduce(w), ops)
+        row["nccl_graph_us"] = graph_us_per_call(lambda w=work: [nccl_tp.all_reduce(w) for _ in range(ops)], ops)
         if peer is not None:
-            row["peer_graph_us"] = graph_us_per_call(lambda w=work: peer_tp.all_reduce(w), ops)
+            row["peer_graph_us"] = graph_us_per_call(lambda w=work: [peer_tp.all_reduce(w) for _ in range(ops)],
+                                                     ops)
         # What the model does after o_proj / down_proj: all-reduce, residual add, RMSNorm.
         row.update(_norm_timings(nccl_tp, peer_tp if peer is not None else None, work, ops, gen))
         res["rows"].append(row)

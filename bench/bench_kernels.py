@@ -235,6 +235,16 @@ DECODE_SWEEP = {
     "w2_bn128": dict(dec_warps=2, dec_block_n=128),
     "s1": dict(dec_stages=1),
     "s4_per_sm1": dict(dec_stages=4, dec_programs_per_sm=1),
+    "s4": dict(dec_stages=4),
+    "s5": dict(dec_stages=5),
+    "per_sm4": dict(dec_programs_per_sm=4),
+    "per_sm8": dict(dec_programs_per_sm=8),
+    "bn32_s4": dict(dec_block_n=32, dec_stages=4),
+    "bn32_s6_per_sm4": dict(dec_block_n=32, dec_stages=6, dec_programs_per_sm=4),
+    "bn128_s2": dict(dec_block_n=128, dec_stages=2),
+    "bn128_w8": dict(dec_block_n=128, dec_warps=8),
+    "w8": dict(dec_warps=8),
+    "w8_s4_per_sm1": dict(dec_warps=8, dec_stages=4, dec_programs_per_sm=1),
 }
 PREFILL_SWEEP = {
     "m128_n128_w8_s3": dict(pf_block_m=128, pf_block_n=128, pf_warps=8, pf_stages=3),
@@ -316,11 +326,11 @@ def print_table(res: dict) -> None:
     copy = ceil.get("copy_gbs", float("nan"))
     print(f"\n{res['versions']['gpu']}  torch {res['versions']['torch']}  triton {res['versions']['triton']}")
     print(f"ceilings: copy {copy:,.0f} GB/s   bf16 matmul {ceil.get('matmul_tflops', float('nan')):,.0f} TFLOP/s")
-    print("decode (GB/s of K/V+q+out)   batch   ctx   triton  %copy    sdpa  triton/sdpa  err      sep.merge")
+    print("decode (GB/s of K/V+q+out)   batch   ctx   triton  %copy    sdpa  triton/sdpa  err        no PDL")
     for r in res.get("decode", []):
         t, s = r["triton_gbs"], r["sdpa_gbs"]
         print(f"{'':29}{r['batch']:>5} {r['ctx']:>5} {t:8,.0f} {100 * t / copy:5.1f}% {s:7,.0f} "
-              f"{t / s:8.2f}x  {r['rel_err_vs_sdpa']:.1e}  {r.get('separate_merge_gbs', float('nan')):8,.0f}"
+              f"{t / s:8.2f}x  {r['rel_err_vs_sdpa']:.1e}  {r.get('no_pdl_gbs', float('nan')):8,.0f}"
               f"{best_variant(r, '_gbs')}")
     print("prefill (TFLOP/s, causal)    batch  seq_len q_len  triton  sdpa-flash  ratio")
     for r in res.get("prefill", []):
@@ -353,8 +363,8 @@ def main() -> None:
     def decode_all():
         rows = []
         for batch, ctx in itertools.product((1, 32, 128), (512, 2048, 8192)):
-            # The default (merge fused into the decode kernel) next to the separate merge launch, same run.
-            configs = {"triton": {}, "separate_merge": dict(dec_fused_merge=False)}
+            # The default next to the same kernels launched without programmatic dependent launch, same run.
+            configs = {"triton": {}, "no_pdl": dict(pdl=False)}
             if args.sweep and batch >= 32 and ctx >= 2048:
                 configs.update(DECODE_SWEEP)
             row = guarded(res, f"decode {batch}x{ctx}", lambda: decode_case(batch, ctx, l2, configs))  # noqa: B023

@@ -31,19 +31,38 @@ from gpu_common import LLAMA_8B, environment, llama_param_bytes, measure_ceiling
 
 
 def parse_variant(text: str) -> tuple[int, set[str]]:
-    """"2" -> (2, {}); "2:nccl:sync" -> (2, {"nccl", "sync"}): NCCL for every all-reduce, no async scheduling."""
+    """"2" -> (2, {}); "2:nccl:sync" -> (2, {"nccl", "sync"}): NCCL for every all-reduce, no async scheduling;
+    "nopdl": no programmatic dependent launch (kernels/pdl.py)."""
     size, *flags = text.split(":")
-    unknown = set(flags) - {"nccl", "sync"}
-    if unknown:
-        raise SystemExit(f"--tp-sizes: unknown flag(s) {sorted(unknown)} in {text!r} (known: nccl, sync)")
+    known = {"nccl", "sync", "nopdl"}
+    if set(flags) - known:
+        raise SystemExit(f"--tp-sizes: unknown flag(s) {sorted(set(flags) - known)} in {text!r} "
+                         f"(known: {sorted(known)})")
     return int(size), set(flags)
 
 
 def run_tp(args, shape: dict, variant: str, ceil: dict) -> dict:
+    from pagedserve.kernels import pdl
+
+    tp, flags = parse_variant(variant)
+    saved = os.environ.get(pdl.ENV)
+    if "nopdl" in flags:  # read as the worker ranks start; rank 0 runs here and is overridden for the variant
+        os.environ[pdl.ENV] = "0"
+        pdl.set_enabled(False)
+    try:
+        return _run_tp(args, shape, variant, tp, flags, ceil)
+    finally:
+        pdl.set_enabled(None)
+        if saved is None:
+            os.environ.pop(pdl.ENV, None)
+        else:
+            os.environ[pdl.ENV] = saved
+
+
+def _run_tp(args, shape: dict, variant: str, tp: int, flags: set[str], ceil: dict) -> dict:
     from pagedserve.runtime import LLM
     from pagedserve.runtime.parallel import ALLREDUCE_ENV
 
-    tp, flags = parse_variant(variant)
     saved = os.environ.get(ALLREDUCE_ENV)
     os.environ[ALLREDUCE_ENV] = "nccl" if "nccl" in flags else "auto"  # read as the ranks start
     t0 = time.perf_counter()
@@ -68,13 +87,19 @@ def run_tp(args, shape: dict, variant: str, ceil: dict) -> dict:
               f"1/{tp} of every token's K/V)", flush=True)
         vocab = shape["vocab_size"]
         wbytes = llama_param_bytes(shape)
+        runner = llm.engine.runner
+        wait0, t0 = getattr(runner, "device_wait_s", None), time.perf_counter()
         lat = batch1_latency(llm, vocab)
+        if wait0 is not None:  # TP > 1: how much of the time rank 0's host sat waiting for its GPU
+            lat["rank0_device_wait_fraction"] = (runner.device_wait_s - wait0) / (time.perf_counter() - t0)
         lat["ceiling_ms"] = wbytes / tp / ceil["copy_GBps"] / 1e6
         lat["fraction_of_ceiling"] = lat["ceiling_ms"] / lat["itl_ms"]
         res["batch1"] = lat
         print(f"[TP={variant}] batch-1 ITL {lat['itl_ms']:.2f} ms (ceiling {lat['ceiling_ms']:.2f} ms from "
               f"{wbytes / tp / 1e9:.1f} GB of weights per GPU: {lat['fraction_of_ceiling']:.0%}), "
-              f"TTFT {lat['ttft_s'] * 1e3:.0f} ms", flush=True)
+              f"TTFT {lat['ttft_s'] * 1e3:.0f} ms"
+              + (f"; rank 0's host waited for its GPU {lat['rank0_device_wait_fraction']:.0%} of the time"
+                 if "rank0_device_wait_fraction" in lat else ""), flush=True)
         if flags and not args.throughput_all:  # an ablation: batch-1 latency only
             return res
         lens = workload(args.workload, args.num_requests)
@@ -106,7 +131,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--tp-sizes", default="1,2",
                     help="comma-separated sizes; a size may carry flags: 2:nccl (NCCL for every all-reduce), "
-                         "2:sync (no async scheduling); flagged runs measure batch-1 latency only")
+                         "2:sync (no async scheduling), 2:nopdl (no programmatic dependent launch); flagged "
+                         "runs measure batch-1 latency only")
     ap.add_argument("--throughput-all", action="store_true", help="throughput for flagged runs too")
     ap.add_argument("--workload", default="a", choices=["a", "b"])
     ap.add_argument("--num-requests", type=int, default=256)

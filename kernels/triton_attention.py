@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.kernels.pdl import launch_kwargs, pdl_launch_dependents, pdl_wait
+
 LOG2E = 1.4426950408889634
 
 
@@ -58,8 +60,10 @@ def _decode_kernel(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_ps, stride_ph,
     HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     # KV heads fastest: the heads of one (sequence, split) read neighbouring rows of the same cache blocks
     # side by side (measured no faster than sequence-fastest on an H100, run 2, but no slower either).
     kv_head = tl.program_id(0)
@@ -153,8 +157,10 @@ def _decode_kernel(
 def _merge_kernel(
     query_start_loc_ptr, part_out_ptr, part_lse_ptr, out_ptr,
     num_splits, stride_ps, stride_ph, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -211,8 +217,10 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     head = tl.program_id(0)
     m_block = num_m_blocks - 1 - tl.program_id(1)  # the longest (most keys) tiles start first
     seq = tl.program_id(2)
@@ -367,6 +375,7 @@ def paged_attention_launch(
     cfg = _config(head_dim, interpreted, max_query_len)
     cfg.update(overrides)
     qk_scale = float(scale) * LOG2E
+    pdl = launch_kwargs(q) if cfg.get("pdl", True) else {"PDL": False}  # pdl=False: a benchmark's ablation
     common_strides = (
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -380,7 +389,7 @@ def paged_attention_launch(
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             *common_strides, block_tables.stride(0),
             HEAD_DIM=head_dim, PAGE_SIZE=block_size, BLOCK_M=cfg["pf_block_m"], BLOCK_N=cfg["pf_block_n"],
-            UPCAST_DOT=interpreted, num_warps=cfg["pf_warps"], num_stages=cfg["pf_stages"],
+            UPCAST_DOT=interpreted, num_warps=cfg["pf_warps"], num_stages=cfg["pf_stages"], **pdl,
         )
 
     block_n = cfg["dec_block_n"]
@@ -407,14 +416,14 @@ def paged_attention_launch(
         num_heads * num_splits * head_dim, num_splits * head_dim,
         HEAD_DIM=head_dim, GROUP_PAD=max(16, triton.next_power_of_2(group)), PAGE_SIZE=block_size,
         BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, FUSED_MERGE=fused, UPCAST_DOT=interpreted,
-        num_warps=cfg["dec_warps"], num_stages=cfg["dec_stages"],
+        num_warps=cfg["dec_warps"], num_stages=cfg["dec_stages"], **pdl,
     )
     if num_splits > 1 and not fused:
         _merge_kernel[(num_seqs, num_heads)](
             query_start_loc, part_out, part_lse, out,
             num_splits, num_heads * num_splits * head_dim, num_splits * head_dim,
             out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4, **pdl,
         )
     return out
 

@@ -4,6 +4,11 @@ One program owns ``BLOCK_N`` output features and walks the whole K dimension, so
 reduction kernel. Accumulation in fp32, one rounding at the end, like cuBLAS. Measured against cuBLAS on
 the 8B model's projections in bench/bench_gemv.py (results/gemv_h200.json): 3-13% faster for one row up to
 K = 7168; from two rows on cuBLAS wins (an earlier multi-row version of this kernel was 2-8x slower there).
+
+With programmatic dependent launch (``pdl.py``) a program loads its first weight tile before it waits for the
+kernel that produces ``x``. Asking L2 for more of the weights there (``prefetch.global.L2::evict_last``, up to
+24 MB per projection) was tried on two H200s and made batch-1 decode slower (TP=1 5.10 vs 4.52 ms, TP=2 3.41
+vs 3.08 ms in the same run; bench/README.md), so it is not done.
 """
 
 from __future__ import annotations
@@ -12,16 +17,25 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.kernels.pdl import launch_kwargs, pdl_launch_dependents, pdl_wait
+
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    pdl_launch_dependents(PDL)
+    # The weights are never written by a kernel: with PDL the first tile is loaded while the kernel that
+    # produces x is still finishing; x itself only after the wait.
+    w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+    pdl_wait(PDL)
+    x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    acc = tl.sum(w * x[None, :], axis=1)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + k
         k_mask = kk < K
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
@@ -41,6 +55,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = 4, block_k: int = 512,
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        **launch_kwargs(x),
     )
     return y
 

@@ -11,14 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.kernels.pdl import launch_kwargs, pdl_launch_dependents, pdl_wait
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     n_cols, inner, eps,
     stride_xa, stride_xb, stride_ra, stride_rb,
-    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0)
     # Rows are indexed as (a, b) so a [tokens, heads, head_dim] view of a fused qkv needs no copy.
     a = (row // inner).to(tl.int64)
@@ -78,6 +82,7 @@ def _launch(x, residual, weight, eps):
         n_cols, inner, float(eps), sxa, sxb, sra, srb,
         BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=num_warps,
         enable_fp_fusion=False,  # keep every rounding of the reference (see triton_pointwise.py)
+        **launch_kwargs(x),
     )
     return out, residual_out
 
@@ -101,43 +106,53 @@ def fused_add_rms_norm(
 @triton.jit
 def _tp_add_rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, buffer_ptrs, signal_ptrs,
-    slot_offset, n_cols, eps, stride_x, stride_r,
-    RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
+    slot_offset, region_numel, flag_offset, n_cols, eps, stride_x, stride_r,
+    RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One row: publish this rank's partial sum, meet the same row's program on every other rank, sum the
-    partials in rank order (so every rank gets the same bits), then residual add + RMSNorm as above."""
+    """One row: push this rank's partial sum into every peer's buffer, meet the same row's program on every
+    other rank, sum the partials in rank order (so every rank gets the same bits), then residual add + RMSNorm
+    as above. Pushing (stores over NVLink, which the sender does not wait for) and reading the peers' rows
+    from local memory costs one one-way trip instead of a remote load's round trip."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     elem = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
-    off = slot_offset + row.to(tl.int64) * n_cols
-    mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(elem))
-    tl.store(mine + off + cols, x, mask=mask)
+    # This slot holds one region per source rank; this rank writes its row into its own region on every peer.
+    row_off = slot_offset + row.to(tl.int64) * n_cols
+    for r in tl.static_range(WORLD):
+        if r != RANK:
+            peer = tl.load(buffer_ptrs + r).to(tl.pointer_type(elem))
+            tl.store(peer + row_off + RANK * region_numel + cols, x, mask=mask)
     # Every thread's store is issued before one thread's release-signal (bar.sync, then a system-scope release
-    # that is cumulative over them). A signal is a 0 -> 1 flip of this rank's slot in the peer's pad; the peer
-    # flips it back when it has waited for it, so a signal cannot be sent before the last one was consumed.
+    # that is cumulative over them). Flags are per (slot, row, source): a rank flips its flag in a peer's pad to
+    # 1 and the peer flips it back after waiting for it. The same slot is used again only two calls later (the
+    # model alternates slots), after this rank has waited for every peer's signal of the call in between, which
+    # each peer sends only after finishing this call; so neither the region nor the flag can still be in use.
     tl.debug_barrier()
+    flag = flag_offset + row * WORLD
     for r in tl.static_range(WORLD):
         if r != RANK:
             peer_pad = tl.load(signal_ptrs + r).to(tl.pointer_type(tl.int32))
-            while tl.atomic_cas(peer_pad + row * WORLD + RANK, 0, 1, sem="release", scope="sys") != 0:
-                pass
+            tl.atomic_xchg(peer_pad + flag + RANK, 1, sem="release", scope="sys")
     my_pad = tl.load(signal_ptrs + RANK).to(tl.pointer_type(tl.int32))
     for r in tl.static_range(WORLD):
         if r != RANK:
-            while tl.atomic_cas(my_pad + row * WORLD + r, 1, 0, sem="acquire", scope="sys") != 1:
+            while tl.atomic_cas(my_pad + flag + r, 1, 0, sem="acquire", scope="sys") != 1:
                 pass
     tl.debug_barrier()
+    mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(elem))
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r in tl.static_range(WORLD):
         if r == RANK:
             acc += x.to(tl.float32)
         else:
-            theirs = tl.load(buffer_ptrs + r).to(tl.pointer_type(elem))
-            # .cg: from L2 (the owner's, over NVLink), never a stale L1 line; unlike volatile it keeps the
-            # loads vectorised (volatile made 128-row calls 2x slower than a separate all-reduce on an H200).
-            acc += tl.load(theirs + off + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            # .cg: from L2, where the peer's stores landed, never a stale L1 line; unlike volatile it keeps the
+            # loads vectorised.
+            acc += tl.load(mine + row_off + r * region_numel + cols, mask=mask, other=0.0,
+                           cache_modifier=".cg").to(tl.float32)
     reduced = acc.to(elem).to(tl.float32)  # what an all-reduce would have handed over
     res = tl.load(residual_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0)
     summed = (reduced + res.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)
@@ -152,20 +167,24 @@ def _tp_add_rms_norm_kernel(
 
 def tp_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-    buffer_ptrs: torch.Tensor, signal_ptrs: torch.Tensor, slot_offset: int, rank: int, world: int,
+    buffer_ptrs: torch.Tensor, signal_ptrs: torch.Tensor, slot_offset: int, region_numel: int, flag_offset: int,
+    rank: int, world: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensor-parallel ``fused_add_rms_norm`` whose input is still a per-rank partial sum: the all-reduce,
     the residual add and the norm in one kernel (``fused_add_rms_norm(all_reduce(x), residual, ...)``).
 
     ``buffer_ptrs`` / ``signal_ptrs``: int64 device tensors with every rank's address of one symmetric buffer
-    (at least ``slot_offset + rows * hidden`` elements of x's dtype) and of its zeroed int32 signal pad (at
-    least ``rows * world`` entries); every rank must make the same call. Two calls in a row must use
-    different slots: a rank reuses a slot only after its peers have started the call that follows the one
-    that read it (see ``parallel.PeerAllReduce``)."""
+    (of x's dtype) and of its zeroed int32 signal pad. The call uses the buffer's elements from
+    ``slot_offset``: ``world`` regions of ``region_numel`` (at least ``rows * hidden``), one per source rank,
+    and the pad's flags from ``flag_offset`` (``rows * world`` of them). Every rank must make the same call.
+    Two calls in a row must use different slots (buffer regions and flags): a rank reuses a slot only after
+    its peers have started the call that follows the one that read it (see ``parallel.PeerAllReduce``)."""
     if x.dim() != 2 or not x.is_contiguous() or residual.shape != x.shape or weight.shape != (x.shape[1],):
         raise ValueError(f"expected contiguous x [rows, hidden] with residual alike and weight [hidden]; got "
                          f"{tuple(x.shape)}, {tuple(residual.shape)}, {tuple(weight.shape)}")
     rows, n_cols = x.shape
+    if rows * n_cols > region_numel:
+        raise ValueError(f"{rows} x {n_cols} partial sums do not fit a region of {region_numel} elements")
     norm_dtype = torch.promote_types(x.dtype, residual.dtype)
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, norm_dtype), device=x.device)
     residual_out = torch.empty(x.shape, dtype=norm_dtype, device=x.device)
@@ -176,8 +195,8 @@ def tp_add_rms_norm(
     num_warps = 4 if block <= 1024 else (8 if block <= 8192 else 16)
     _tp_add_rms_norm_kernel[(rows,)](
         x, residual, weight, out, residual_out, buffer_ptrs, signal_ptrs,
-        slot_offset, n_cols, float(eps), x.stride(0), residual.stride(0),
-        RANK=rank, WORLD=world, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,
+        slot_offset, region_numel, flag_offset, n_cols, float(eps), x.stride(0), residual.stride(0),
+        RANK=rank, WORLD=world, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False, **launch_kwargs(x),
     )
     return out, residual_out
 

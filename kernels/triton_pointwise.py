@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.kernels.pdl import launch_kwargs, pdl_launch_dependents, pdl_wait
+
 
 # ------------------------------------------------------------------------------------------ KV cache
 @triton.jit
@@ -22,7 +24,10 @@ def _write_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
     BLOCK_SIZE: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -74,7 +79,7 @@ def write_kv_cache(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[1], HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
-        DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4,
+        DIM_PAD=triton.next_power_of_2(head_dim), num_warps=4, **launch_kwargs(key),
     )
 
 
@@ -111,8 +116,10 @@ def _load_cos_sin(cos_sin_ptr, pos, stride_cache, dtype, HALF: tl.constexpr, HAL
 def _rotary_kernel(
     positions_ptr, q_ptr, k_ptr, cos_sin_ptr, q_out_ptr, k_out_ptr,
     num_q_heads, num_k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, QH_PAD: tl.constexpr, KH_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     cos, sin = _load_cos_sin(cos_sin_ptr, pos, stride_cache, q_out_ptr.dtype.element_ty, HALF, HALF_PAD)
@@ -128,10 +135,12 @@ def _rotary_cache_kernel(
     num_q_heads, num_k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache,
     stride_kcb, stride_kct, stride_vcb, stride_vct,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, QH_PAD: tl.constexpr, KH_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, CACHE_STRIDE_H: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CACHE_STRIDE_H: tl.constexpr, PDL: tl.constexpr,
 ):
     """Rotary on q (to q_out) and k (straight into the paged cache at the token's slot), v copied into its
     cache: one launch per layer instead of two, and rotated k never round-trips through memory."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     cos, sin = _load_cos_sin(cos_sin_ptr, pos, stride_cache, q_out_ptr.dtype.element_ty, HALF, HALF_PAD)
@@ -177,7 +186,7 @@ def rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cac
         cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(num_q_heads),
         KH_PAD=triton.next_power_of_2(k.shape[1]), BLOCK_SIZE=k_cache.shape[1], CACHE_STRIDE_H=k_cache.stride(2),
-        num_warps=4, enable_fp_fusion=False,
+        num_warps=4, enable_fp_fusion=False, **launch_kwargs(q),
     )
     return q_out
 
@@ -216,14 +225,16 @@ def rotary_embedding(
         positions, q, k, cos_sin_cache, q_out, k_out,
         num_q_heads, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(num_q_heads),
-        KH_PAD=triton.next_power_of_2(k.shape[1]), num_warps=4, enable_fp_fusion=False,
+        KH_PAD=triton.next_power_of_2(k.shape[1]), num_warps=4, enable_fp_fusion=False, **launch_kwargs(q),
     )
     return q_out, k_out
 
 
 # ------------------------------------------------------------------------------------- SiLU and mul
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -247,7 +258,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(d))
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
-        rows, out, d, rows.stride(0), BLOCK=block, num_warps=4, enable_fp_fusion=False,
+        rows, out, d, rows.stride(0), BLOCK=block, num_warps=4, enable_fp_fusion=False, **launch_kwargs(x),
     )
     return out
 

@@ -212,6 +212,9 @@ class TensorParallelRunner:
             )
         self.size = tensor_parallel_size
         self.step_timeout_s = _env_seconds(STEP_TIMEOUT_ENV, 30.0)
+        # Seconds rank 0's host spent waiting for its GPU in wait_for_device (async steps): next to the wall
+        # time it tells whether decode is bound by the GPU (large) or by the host's own work per step (~0).
+        self.device_wait_s = 0.0
         setup_timeout_s = _env_seconds(SETUP_TIMEOUT_ENV, 1800.0)
         if device.type == "cuda":
             for key, value in NO_MULTICAST_ENV.items():
@@ -288,7 +291,9 @@ class TensorParallelRunner:
     def wait_for_device(self, event) -> None:
         """Wait for ``event`` (a step rank 0 launched), raising TensorParallelError if a worker dies or the
         step makes no progress for the step timeout (a blocking wait would never return from a dead peer)."""
+        start = time.perf_counter()
         stopped = self._poll(event, self.step_timeout_s, self._query)
+        self.device_wait_s += time.perf_counter() - start
         if stopped == "dead":
             self._fail("step interrupted", None, wait_for_exit_s=0.0)
         if stopped == "timeout":

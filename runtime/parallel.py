@@ -22,11 +22,12 @@ ALLREDUCE_ENV = "PAGEDSERVE_TP_ALLREDUCE"
 # Messages up to this size take the one-shot path (a decode step's activations: batch x hidden x 2 bytes is
 # 2 MiB at batch 256 for a 4096-wide model); larger ones (prefill chunks) go to NCCL's bandwidth-optimal rings.
 PEER_ALLREDUCE_MAX_BYTES = 4 << 20
-# Rows up to which the all-reduce runs inside the RMSNorm kernel (one cross-GPU signal per row). Measured on two
-# H200s (bench/results/allreduce_h200x2.json), per all-reduce + add + norm: 5.5 vs 8.3 us for 1 row, 7.0 vs 8.6
-# for 8, but 11.8 vs 11.1 for 32 and 30.7 vs 16.9 for 128 (the per-row signals add up): larger batches take the
-# one-shot all-reduce and the separate norm.
-FUSED_NORM_MAX_ROWS = 16
+# Rows up to which the all-reduce runs inside the RMSNorm kernel (one cross-GPU signal per row; the signal pad
+# holds 256 rows of flags for two ranks). Measured on two H200s (bench/results/allreduce_h200x2.json), per
+# all-reduce + add + norm against the one-shot all-reduce and a separate norm: 4.4 vs 8.5 us for 1 row, 5.5 vs
+# 11.5 for 32, 10.7 vs 17.5 for 128, 15.0 vs 24.6 for 256. (With the first, pulling version of the kernel the
+# fused path lost from 32 rows on, and this was 16.)
+FUSED_NORM_MAX_ROWS = 256
 
 
 class PeerAllReduce:
@@ -58,16 +59,18 @@ class PeerAllReduce:
         # The fused all-reduce + residual add + RMSNorm (kernels.triton_norm.tp_add_rms_norm) has a buffer and
         # signal pad of its own, in two slots: the model alternates them (after attention: slot 0, after the
         # MLP: slot 1), so a rank writes a slot again only after its peers have entered the next call, which
-        # they do only after they finished reading that slot.
+        # they do only after they finished reading that slot. A slot has one region per source rank (ranks
+        # push their rows into each other's buffers) and its own flags in the pad.
         self.rank, self.world = group.rank(), group.size()
         self.slot_numel = self.max_numel
+        self.region_numel = self.slot_numel // self.world
         self.norm_buffer = symm_mem.empty(2 * self.slot_numel, dtype=dtype, device=device)
         norm = symm_mem.rendezvous(self.norm_buffer, self.group_name)
         self.norm_handle = norm
         self.norm_buffer_ptrs = torch.tensor(list(norm.buffer_ptrs), dtype=torch.int64, device=device)
         self.norm_signal_ptrs = torch.tensor(list(norm.signal_pad_ptrs), dtype=torch.int64, device=device)
         pad_bytes = int(getattr(norm, "signal_pad_size", 0) or 4096)
-        self.norm_max_rows = pad_bytes // (4 * self.world)
+        self.norm_max_rows = pad_bytes // (4 * self.world * 2)
         # Zeroed pads on this rank before make_peer_all_reduce's agreement (a collective every rank joins,
         # so no rank can signal into a peer's pads before they exist).
         torch.cuda.synchronize(device)
@@ -80,13 +83,14 @@ class PeerAllReduce:
     def fuses_norm(self, x: torch.Tensor) -> bool:
         """Whether ``x`` (a row-parallel layer's partial output) can be reduced inside the norm that follows."""
         return (x.dim() == 2 and x.dtype == self.dtype and x.is_cuda and x.is_contiguous()
-                and 0 < x.shape[0] <= min(self.norm_max_rows, FUSED_NORM_MAX_ROWS) and x.numel() <= self.slot_numel)
+                and 0 < x.shape[0] <= min(self.norm_max_rows, FUSED_NORM_MAX_ROWS) and x.numel() <= self.region_numel)
 
     def add_rms_norm(self, x, residual, weight, eps: float, slot: int):
         from pagedserve.kernels.triton_norm import tp_add_rms_norm
 
         return tp_add_rms_norm(x, residual, weight, eps, self.norm_buffer_ptrs, self.norm_signal_ptrs,
-                               slot * self.slot_numel, self.rank, self.world)
+                               slot * self.slot_numel, self.region_numel, slot * self.norm_max_rows * self.world,
+                               self.rank, self.world)
 
     def all_reduce_(self, x: torch.Tensor) -> None:
         flat = x.view(-1)

@@ -31,6 +31,7 @@ RERUN_IN_SUBPROCESS = (
 )
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 KERNEL_MODULES = (
+    "pagedserve.kernels.pdl",  # first: the kernel modules below import its jit helpers
     "pagedserve.kernels.triton_attention",
     "pagedserve.kernels.triton_norm",
     "pagedserve.kernels.triton_pointwise",
@@ -48,7 +49,7 @@ def _jit_functions(module):
 
 def _load_kernels():
     if RERUN_IN_SUBPROCESS:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     if ON_CUDA:
         return [importlib.import_module(name) for name in KERNEL_MODULES]
     os.environ["TRITON_INTERPRET"] = "1"
@@ -65,7 +66,7 @@ def _load_kernels():
     return mods
 
 
-attention, norm, pointwise, ops, gemv = _load_kernels()
+pdl, attention, norm, pointwise, ops, gemv = _load_kernels()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -298,9 +299,9 @@ def test_fused_add_rms_norm(dtype):
 
 
 # The fused tensor-parallel all-reduce + residual add + RMSNorm, as rank 0 of a simulated group whose peers
-# have already published their partial sums and signalled: the kernel's signal protocol, the rank-ordered sum
-# and the norm, against fused_add_rms_norm(sum of partials, residual). The two-GPU run against NCCL is in
-# test_peer_allreduce.py.
+# have already pushed their partial sums into rank 0's buffer and signalled: the kernel's signal protocol, the
+# rank-ordered sum and the norm, against fused_add_rms_norm(sum of partials, residual). The two-GPU run
+# against NCCL is in test_peer_allreduce.py.
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3.2e-2)])
 @pytest.mark.parametrize("slot", [0, 1])
@@ -313,19 +314,27 @@ def test_tp_add_rms_norm_as_rank0_of_a_simulated_group(world, dtype, tol, slot):
 
     partials = [rand(rows, hidden) for _ in range(world)]
     residual, weight = rand(rows, hidden), rand(hidden)
-    slot_numel = rows * hidden + 7  # slots need not be row-aligned
+    region = rows * hidden + 7  # regions need not be row-aligned
+    slot_numel = world * region
+    max_rows = rows + 2
     buffers = [torch.full((2 * slot_numel,), float("nan"), dtype=dtype, device=DEVICE) for _ in range(world)]
-    pads = [torch.zeros(rows * world + 3, dtype=torch.int32, device=DEVICE) for _ in range(world)]
-    off = slot * slot_numel
-    for r in range(1, world):  # peers have published their rows and flipped their flag in rank 0's pad
-        buffers[r][off:off + rows * hidden] = partials[r].reshape(-1)
+    pads = [torch.zeros(2 * max_rows * world, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+    off, flag_off = slot * slot_numel, slot * max_rows * world
+
+    def region_of(buf, src):
+        return buf[off + src * region:off + src * region + rows * hidden]
+
+    for r in range(1, world):  # peers have pushed their rows into rank 0 and flipped their flags in its pad
+        region_of(buffers[0], r).copy_(partials[r].reshape(-1))
         for row in range(rows):
-            pads[0][row * world + r] = 1
+            pads[0][flag_off + row * world + r] = 1
     ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device=DEVICE)
     pad_ptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64, device=DEVICE)
     residual_before = residual.clone()
+    buffer0_before = buffers[0].clone()
 
-    out, new_residual = norm.tp_add_rms_norm(partials[0], residual, weight, 1e-5, ptrs, pad_ptrs, off, 0, world)
+    out, new_residual = norm.tp_add_rms_norm(partials[0], residual, weight, 1e-5, ptrs, pad_ptrs, off, region,
+                                             flag_off, 0, world)
 
     summed = partials[0].float()
     for p in partials[1:]:
@@ -334,23 +343,29 @@ def test_tp_add_rms_norm_as_rank0_of_a_simulated_group(world, dtype, tol, slot):
     torch.testing.assert_close(new_residual.float(), want_res.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(out.float(), want_out.float(), rtol=tol, atol=tol)
     assert torch.equal(residual, residual_before)  # inputs untouched, like fused_add_rms_norm
-    # Rank 0 published its own rows into its slot (for its peers) and nowhere else.
-    assert torch.equal(buffers[0][off:off + rows * hidden], partials[0].reshape(-1))
-    assert torch.isnan(buffers[0][(1 - slot) * slot_numel:(1 - slot) * slot_numel + rows * hidden]).all()
-    # It consumed every peer's signal (flags back to 0) and signalled every peer (its flag set there).
+    # Rank 0 pushed its rows into its own region of this slot on every peer, and wrote nothing of its own.
+    assert torch.equal(buffers[0].nan_to_num(7.0), buffer0_before.nan_to_num(7.0))
+    for r in range(1, world):
+        assert torch.equal(region_of(buffers[r], 0), partials[0].reshape(-1))
+        written = ~torch.isnan(buffers[r])
+        assert written.sum().item() == rows * hidden, "rank 0 wrote outside its region of the slot"
+    # It consumed every peer's signal (flags back to 0) and signalled every peer (its flag of this slot set).
     assert pads[0].sum().item() == 0
     for r in range(1, world):
-        flags = pads[r][:rows * world].view(rows, world)
+        flags = pads[r][flag_off:flag_off + rows * world].view(rows, world)
         assert flags[:, 0].tolist() == [1] * rows and flags[:, 1:].sum().item() == 0
+        assert pads[r].sum().item() == rows, "a flag outside this slot's was touched"
 
 
 def test_tp_add_rms_norm_checks_shapes():
     x = torch.zeros(2, 8)
     ptrs = torch.zeros(2, dtype=torch.int64)
     with pytest.raises(ValueError, match="contiguous x"):
-        norm.tp_add_rms_norm(x.t(), x.t(), torch.ones(2), 1e-5, ptrs, ptrs, 0, 0, 2)
+        norm.tp_add_rms_norm(x.t(), x.t(), torch.ones(2), 1e-5, ptrs, ptrs, 0, 64, 0, 0, 2)
     with pytest.raises(ValueError, match="weight"):
-        norm.tp_add_rms_norm(x, x, torch.ones(3), 1e-5, ptrs, ptrs, 0, 0, 2)
+        norm.tp_add_rms_norm(x, x, torch.ones(3), 1e-5, ptrs, ptrs, 0, 64, 0, 0, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        norm.tp_add_rms_norm(x, x, torch.ones(8), 1e-5, ptrs, ptrs, 0, 15, 0, 0, 2)
 
 
 # ---------------------------------------------------------------------------------------------- gemv
@@ -433,6 +448,80 @@ def test_silu_and_mul(dtype):
     out = ops.silu_and_mul(x)
     check_close(out, reference.silu_and_mul(x.float()), dtype, "silu_and_mul")
     assert_same_roundings(out, reference.silu_and_mul(x))
+
+
+# ----------------------------------------------------------------------- programmatic dependent launch
+@pytest.mark.skipif(not ON_CUDA, reason="programmatic dependent launch needs a GPU")
+def test_pdl_chain_in_a_cuda_graph_equals_plain_launches():
+    """Batch-1 decode layers made of our kernels, each reading what the one before wrote, launched with PDL
+    and captured in a CUDA graph, give the same bits as plain eager launches for fresh inputs on every replay.
+    A kernel that read its input (or wrote its output) before its wait would see the previous replay's values
+    in the graph's buffers, or the KV-cache slot of the previous input."""
+    if not pdl.enabled(DEVICE):
+        pytest.skip("PDL is not available on this GPU (needs compute capability 9.0 and triton's gdc ops)")
+    gen = generator("pdl-chain")
+    dtype, hidden, heads, kv_heads, head_dim, inter, layers = torch.bfloat16, 1024, 8, 2, 128, 2816, 6
+    block_size, seq_len, eps = 16, 300, 1e-5
+    scale = 0.05
+
+    def w(*shape):
+        return randn(*shape, dtype=dtype, gen=gen) * shape[-1] ** -0.5
+
+    params = [dict(n1=1 + w(hidden) * 0.1, qkv=w((heads + 2 * kv_heads) * head_dim, hidden),
+                   o=w(hidden, heads * head_dim), n2=1 + w(hidden) * 0.1, gu=w(2 * inter, hidden),
+                   down=w(hidden, inter)) for _ in range(layers)]
+    num_blocks = -(-seq_len // block_size) + 3
+    caches = [(randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, gen=gen),
+               randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, gen=gen)) for _ in range(layers)]
+    as_int = dict(dtype=torch.int32, device=DEVICE)
+    block_table = torch.randperm(num_blocks, generator=gen)[: -(-seq_len // block_size)].to(**as_int)[None]
+    seq_lens = torch.tensor([seq_len], **as_int)
+    query_start_loc = torch.tensor([0, 1], **as_int)
+    positions = torch.tensor([seq_len - 1], dtype=torch.int64, device=DEVICE)
+    page = int(block_table[0, (seq_len - 1) // block_size])
+    slot_mapping = torch.tensor([page * block_size + (seq_len - 1) % block_size], dtype=torch.int64, device=DEVICE)
+    cos_sin = torch.randn(seq_len, head_dim, generator=gen).to(DEVICE)
+
+    def forward(x, residual):
+        for p, (k_cache, v_cache) in zip(params, caches, strict=True):
+            h, residual = norm.fused_add_rms_norm(x, residual, p["n1"], eps)
+            qkv = gemv.gemv(h, p["qkv"])
+            q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+            q = pointwise.rotary_embedding_and_cache(
+                positions, q.reshape(1, heads, head_dim), k.reshape(1, kv_heads, head_dim),
+                v.reshape(1, kv_heads, head_dim), cos_sin, k_cache, v_cache, slot_mapping)
+            a = attention.paged_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale,
+                                          max_query_len=1, max_seq_len=seq_len)
+            h, residual = norm.fused_add_rms_norm(gemv.gemv(a.reshape(1, -1), p["o"]), residual, p["n2"], eps)
+            x = gemv.gemv(ops.silu_and_mul(gemv.gemv(h, p["gu"])), p["down"])
+        return x, residual
+
+    static_x = randn(1, hidden, dtype=dtype, gen=gen)
+    static_res = randn(1, hidden, dtype=dtype, gen=gen)
+    try:
+        pdl.set_enabled(True)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward(static_x, static_res)  # compiles the PDL variants outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graph_out = forward(static_x, static_res)
+        for trial in range(5):
+            static_x.copy_(randn(1, hidden, dtype=dtype, gen=gen))
+            static_res.copy_(randn(1, hidden, dtype=dtype, gen=gen))
+            pdl.set_enabled(False)
+            want = [t.clone() for t in forward(static_x, static_res)]
+            pdl.set_enabled(True)
+            eager = forward(static_x, static_res)
+            graph.replay()
+            for name, got_graph, got_eager, ref in zip(("x", "residual"), graph_out, eager, want, strict=True):
+                assert torch.equal(got_eager, ref), f"trial {trial}: eager PDL launches changed {name}"
+                assert torch.equal(got_graph, ref), f"trial {trial}: the PDL graph changed {name}"
+        torch.cuda.synchronize()
+    finally:
+        pdl.set_enabled(None)
 
 
 def test_dispatch_uses_triton_on_cuda_and_reference_elsewhere():

@@ -83,7 +83,7 @@ def _fused_norm_cases(rank, peer_tp, nccl_tp, dev, gen):
     cases = []
     hidden = 4096
     weight = torch.randn(hidden, device=dev, dtype=torch.bfloat16, generator=gen)
-    for case, rows in enumerate((1, 7, 16)):
+    for case, rows in enumerate((1, 7, 16, 100, 256)):
         assert peer_tp.reduces_in_norm(torch.empty(rows, hidden, device=dev, dtype=torch.bfloat16))
         x = torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
         res = torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
