@@ -4,8 +4,8 @@ batch-1 inter-token latency and saturated offline throughput (total and per GPU)
     python3 bench/bench_tp.py --model-dir /tmp/llama8b --out bench/results/tp_h100x2.json   # on nvidia-h100-x2
 
 The weights are made on the GPU and written as safetensors once (bench/gpu_common.py), then every rank loads
-only its shard through our loader. One engine at a time in this process: rank 0 runs here on cuda:0, ranks
-1..N-1 in worker processes on cuda:1..; each engine is shut down before the next starts.
+only its shard through our loader. Each variant runs in a child process of its own (``--in-process``: all in
+this one), one engine at a time: rank 0 on cuda:0, ranks 1..N-1 in worker processes on cuda:1..
 
 Ceilings: batch-1 ITL >= (weight bytes / N) / copy bandwidth (each GPU reads its shard once per token; the
 all-reduces add on top: 2 per layer of hidden_size bf16 values); throughput from bench_offline's roofline with
@@ -15,8 +15,12 @@ N times the copy bandwidth and matmul rate (perfect scaling). Goal (issue 7): IT
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 # Never NVLink multicast on shared hosts (set before torch/NCCL read them; the engine also sets them).
@@ -121,8 +125,31 @@ def _run_tp(args, shape: dict, variant: str, tp: int, flags: set[str], ceil: dic
     finally:
         llm.engine.shutdown()
         del llm
+        gc.collect()
         torch.cuda.empty_cache()
     return res
+
+
+def run_in_child(args, variant: str, ceil: dict) -> dict:
+    """``run_tp`` for one variant in a fresh process. Engines one after another in one process did not give
+    each a clean start on two H200s: a TP=1 engine after a TP=2 one found ~25 GB less free memory on cuda:0,
+    and a second TP=2 engine hung while starting (session 4; not investigated)."""
+    forwarded = ["--model-dir", args.model_dir, "--workload", args.workload,
+                 "--num-requests", str(args.num_requests), "--max-model-len", str(args.max_model_len),
+                 "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                 "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    forwarded += ["--throughput-all"] * args.throughput_all + ["--enforce-eager"] * args.enforce_eager
+    if args.layers:
+        forwarded += ["--layers", str(args.layers)]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run.json")
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded, "--tp-sizes", variant,
+                               "--child-ceilings", json.dumps(ceil), "--child-out", out], check=False)
+        if proc.returncode != 0 or not os.path.exists(out):
+            print(f"[TP={variant}] failed: exit code {proc.returncode}", flush=True)
+            return {"variant": variant, "error": f"exit code {proc.returncode}"}
+        with open(out) as f:
+            return json.load(f)
 
 
 def main():
@@ -142,6 +169,10 @@ def main():
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (eager decode)")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every variant in this process (default: one child process per variant)")
+    ap.add_argument("--child-ceilings", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     variants = args.tp_sizes.split(",")
@@ -151,6 +182,11 @@ def main():
     shape = dict(LLAMA_8B)
     if args.layers:
         shape["num_hidden_layers"] = args.layers
+    if args.child_out:  # one variant for a parent run (below): ceilings and weights come from the parent
+        run = run_tp(args, shape, args.tp_sizes, json.loads(args.child_ceilings))
+        with open(args.child_out, "w") as f:
+            json.dump(run, f, default=str)
+        return
     result = {"env": environment(), "shape": shape, "args": vars(args),
               "nccl_env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM_"))}}
     ceil = measure_ceilings()
@@ -166,12 +202,13 @@ def main():
 
     result["runs"] = {}
     for variant in variants:
-        result["runs"][variant] = run_tp(args, shape, variant, ceil)
+        result["runs"][variant] = (run_tp(args, shape, variant, ceil) if args.in_process
+                                   else run_in_child(args, variant, ceil))
         if args.out:  # keep what finished if a later size fails
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2, default=str)
 
-    runs = result["runs"]
+    runs = {k: r for k, r in result["runs"].items() if "error" not in r}
     print("\n| TP | batch-1 ITL | ITL ceiling | out tok/s | per GPU | KV tokens | load |\n|---|---|---|---|---|---|---|")
     for tp, r in runs.items():
         thr = r.get("throughput")

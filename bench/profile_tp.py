@@ -47,6 +47,7 @@ def main() -> None:
     for _ in range(20):  # prefill and warm-up
         eng.step()
     times = []
+    wait0 = getattr(eng.runner, "device_wait_s", None)  # TP > 1: rank 0's host waiting for its GPU
     for _ in range(args.steps):
         t0 = time.perf_counter()
         eng.step()
@@ -55,6 +56,10 @@ def main() -> None:
     summary = {"tp": args.tp, "batch": args.batch, "async": eng.async_scheduling,
                "step_ms": {"mean": ms.mean(), "p50": float(np.median(ms)), "p10": float(np.percentile(ms, 10)),
                            "p90": float(np.percentile(ms, 90))}}
+    if wait0 is not None:
+        # Near 0: each step is bound by rank 0's host work; near 1: the host mostly waits for the GPU (which
+        # itself may be waiting for a late worker inside its first all-reduce).
+        summary["rank0_device_wait_fraction"] = (eng.runner.device_wait_s - wait0) / float(np.sum(times))
     print(json.dumps(summary), flush=True)
     from torch.profiler import ProfilerActivity, profile
 

@@ -16,7 +16,8 @@ The rules every kernel launched with ``launch_pdl`` keeps (the caller gets both 
   program of this one has started, so no program of this kernel can be starved by them.
 
 Both instructions are no-ops without PDL, and in CUDA graphs the launch attribute becomes a programmatic edge.
-``PAGEDSERVE_PDL=0`` turns it off (read at import; :func:`set_enabled` overrides it in-process).
+``PAGEDSERVE_PDL=0`` turns it off, and so does ``TRITON_INTERPRET=1`` (both read at import; :func:`set_enabled`
+overrides the first in-process).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import triton
 import triton.language as tl
 
 ENV = "PAGEDSERVE_PDL"
-_env_on = os.environ.get(ENV, "1") != "0"
+# Under TRITON_INTERPRET=1 kernels run in the interpreter even on CUDA tensors: it has no griddepcontrol.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_env_on = os.environ.get(ENV, "1") != "0" and not _INTERPRETED
 _override: bool | None = None
 
 
@@ -50,7 +53,8 @@ def _device_supports(index: int) -> bool:
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch with PDL."""
-    if device.type != "cuda" or not (_env_on if _override is None else _override):
+    wanted = _env_on if _override is None else (_override and not _INTERPRETED)
+    if device.type != "cuda" or not wanted:
         return False
     return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
 

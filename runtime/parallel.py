@@ -22,8 +22,8 @@ ALLREDUCE_ENV = "PAGEDSERVE_TP_ALLREDUCE"
 # Messages up to this size take the one-shot path (a decode step's activations: batch x hidden x 2 bytes is
 # 2 MiB at batch 256 for a 4096-wide model); larger ones (prefill chunks) go to NCCL's bandwidth-optimal rings.
 PEER_ALLREDUCE_MAX_BYTES = 4 << 20
-# Rows up to which the all-reduce runs inside the RMSNorm kernel (one cross-GPU signal per row; the signal pad
-# holds 256 rows of flags for two ranks). Measured on two H200s (bench/results/allreduce_h200x2.json), per
+# Rows up to which the all-reduce runs inside the RMSNorm kernel (one cross-GPU signal per row; fewer where the
+# signal pad holds fewer rows of flags: PeerAllReduce.norm_max_rows). Measured on two H200s (bench/results/allreduce_h200x2.json), per
 # all-reduce + add + norm against the one-shot all-reduce and a separate norm: 4.4 vs 8.5 us for 1 row, 5.5 vs
 # 11.5 for 32, 10.7 vs 17.5 for 128, 15.0 vs 24.6 for 256. (With the first, pulling version of the kernel the
 # fused path lost from 32 rows on, and this was 16.)
@@ -69,7 +69,8 @@ class PeerAllReduce:
         self.norm_handle = norm
         self.norm_buffer_ptrs = torch.tensor(list(norm.buffer_ptrs), dtype=torch.int64, device=device)
         self.norm_signal_ptrs = torch.tensor(list(norm.signal_pad_ptrs), dtype=torch.int64, device=device)
-        pad_bytes = int(getattr(norm, "signal_pad_size", 0) or 4096)
+        # torch 2.11 pads are 9 KiB; a torch that does not say gets the smallest size seen (2 KiB, older torch).
+        pad_bytes = int(getattr(norm, "signal_pad_size", 0) or 2048)
         self.norm_max_rows = pad_bytes // (4 * self.world * 2)
         # Zeroed pads on this rank before make_peer_all_reduce's agreement (a collective every rank joins,
         # so no rank can signal into a peer's pads before they exist).

@@ -298,16 +298,18 @@ def test_fused_add_rms_norm(dtype):
     assert torch.equal(x, x_before) and torch.equal(residual, residual_before), "inputs must not change"
 
 
-# The fused tensor-parallel all-reduce + residual add + RMSNorm, as rank 0 of a simulated group whose peers
-# have already pushed their partial sums into rank 0's buffer and signalled: the kernel's signal protocol, the
-# rank-ordered sum and the norm, against fused_add_rms_norm(sum of partials, residual). The two-GPU run
-# against NCCL is in test_peer_allreduce.py.
+# The fused tensor-parallel all-reduce + residual add + RMSNorm, as one rank (the first or the last) of a
+# simulated group whose peers have already pushed their partial sums into its buffer and signalled: the
+# kernel's signal protocol, the rank-ordered sum and the norm, against fused_add_rms_norm(sum of partials,
+# residual). The two-GPU run against NCCL is in test_peer_allreduce.py.
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3.2e-2)])
 @pytest.mark.parametrize("slot", [0, 1])
-def test_tp_add_rms_norm_as_rank0_of_a_simulated_group(world, dtype, tol, slot):
+@pytest.mark.parametrize("last", [False, True], ids=["rank0", "last_rank"])
+def test_tp_add_rms_norm_as_one_rank_of_a_simulated_group(world, dtype, tol, slot, last):
     rows, hidden = 5, 96  # hidden not a power of two: masked columns
-    gen = generator("tp-add-rms", world, dtype, slot)
+    me = world - 1 if last else 0
+    gen = generator("tp-add-rms", world, dtype, slot, me)
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
@@ -320,40 +322,40 @@ def test_tp_add_rms_norm_as_rank0_of_a_simulated_group(world, dtype, tol, slot):
     buffers = [torch.full((2 * slot_numel,), float("nan"), dtype=dtype, device=DEVICE) for _ in range(world)]
     pads = [torch.zeros(2 * max_rows * world, dtype=torch.int32, device=DEVICE) for _ in range(world)]
     off, flag_off = slot * slot_numel, slot * max_rows * world
+    peers = [r for r in range(world) if r != me]
 
     def region_of(buf, src):
         return buf[off + src * region:off + src * region + rows * hidden]
 
-    for r in range(1, world):  # peers have pushed their rows into rank 0 and flipped their flags in its pad
-        region_of(buffers[0], r).copy_(partials[r].reshape(-1))
+    for r in peers:  # peers have pushed their rows into this rank and flipped their flags in its pad
+        region_of(buffers[me], r).copy_(partials[r].reshape(-1))
         for row in range(rows):
-            pads[0][flag_off + row * world + r] = 1
+            pads[me][flag_off + row * world + r] = 1
     ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device=DEVICE)
     pad_ptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64, device=DEVICE)
     residual_before = residual.clone()
-    buffer0_before = buffers[0].clone()
+    own_before = buffers[me].clone()
 
-    out, new_residual = norm.tp_add_rms_norm(partials[0], residual, weight, 1e-5, ptrs, pad_ptrs, off, region,
-                                             flag_off, 0, world)
+    out, new_residual = norm.tp_add_rms_norm(partials[me], residual, weight, 1e-5, ptrs, pad_ptrs, off, region,
+                                             flag_off, me, world)
 
-    summed = partials[0].float()
+    summed = partials[0].float()  # rank order, as every rank sums
     for p in partials[1:]:
         summed = summed + p.float()
     want_out, want_res = reference.fused_add_rms_norm(summed.to(dtype), residual_before, weight, 1e-5)
     torch.testing.assert_close(new_residual.float(), want_res.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(out.float(), want_out.float(), rtol=tol, atol=tol)
     assert torch.equal(residual, residual_before)  # inputs untouched, like fused_add_rms_norm
-    # Rank 0 pushed its rows into its own region of this slot on every peer, and wrote nothing of its own.
-    assert torch.equal(buffers[0].nan_to_num(7.0), buffer0_before.nan_to_num(7.0))
-    for r in range(1, world):
-        assert torch.equal(region_of(buffers[r], 0), partials[0].reshape(-1))
-        written = ~torch.isnan(buffers[r])
-        assert written.sum().item() == rows * hidden, "rank 0 wrote outside its region of the slot"
+    # It pushed its rows into its own region of this slot on every peer, and wrote nothing of its own.
+    assert torch.equal(buffers[me].nan_to_num(7.0), own_before.nan_to_num(7.0))
+    for r in peers:
+        assert torch.equal(region_of(buffers[r], me), partials[me].reshape(-1))
+        assert (~torch.isnan(buffers[r])).sum().item() == rows * hidden, "wrote outside its region of the slot"
     # It consumed every peer's signal (flags back to 0) and signalled every peer (its flag of this slot set).
-    assert pads[0].sum().item() == 0
-    for r in range(1, world):
+    assert pads[me].sum().item() == 0
+    for r in peers:
         flags = pads[r][flag_off:flag_off + rows * world].view(rows, world)
-        assert flags[:, 0].tolist() == [1] * rows and flags[:, 1:].sum().item() == 0
+        assert flags[:, me].tolist() == [1] * rows and flags.sum().item() == rows
         assert pads[r].sum().item() == rows, "a flag outside this slot's was touched"
 
 
@@ -456,7 +458,8 @@ def test_pdl_chain_in_a_cuda_graph_equals_plain_launches():
     """Batch-1 decode layers made of our kernels, each reading what the one before wrote, launched with PDL
     and captured in a CUDA graph, give the same bits as plain eager launches for fresh inputs on every replay.
     A kernel that read its input (or wrote its output) before its wait would see the previous replay's values
-    in the graph's buffers, or the KV-cache slot of the previous input."""
+    in the graph's buffers; the step's KV-cache slot is poisoned before each replay, so attention reading the
+    cache before the rotary kernel wrote this step's K/V would give NaN."""
     if not pdl.enabled(DEVICE):
         pytest.skip("PDL is not available on this GPU (needs compute capability 9.0 and triton's gdc ops)")
     gen = generator("pdl-chain")
@@ -515,6 +518,9 @@ def test_pdl_chain_in_a_cuda_graph_equals_plain_launches():
             want = [t.clone() for t in forward(static_x, static_res)]
             pdl.set_enabled(True)
             eager = forward(static_x, static_res)
+            for k_cache, v_cache in caches:  # the replay's rotary kernel must write these before attention reads
+                k_cache.view(-1, kv_heads, head_dim)[int(slot_mapping)].fill_(float("nan"))
+                v_cache.view(-1, kv_heads, head_dim)[int(slot_mapping)].fill_(float("nan"))
             graph.replay()
             for name, got_graph, got_eager, ref in zip(("x", "residual"), graph_out, eager, want, strict=True):
                 assert torch.equal(got_eager, ref), f"trial {trial}: eager PDL launches changed {name}"
