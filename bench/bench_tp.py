@@ -15,6 +15,7 @@ N times the copy bandwidth and matmul rate (perfect scaling). Goal (issue 7): IT
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -45,41 +46,45 @@ def parse_variant(text: str) -> tuple[int, set[str]]:
     return int(size), set(flags)
 
 
+@contextlib.contextmanager
+def _env(key: str, value: str | None):
+    """``os.environ[key] = value`` inside the block (``None``: left as it is), restored after it."""
+    saved = os.environ.get(key)
+    if value is not None:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
+
 def run_tp(args, shape: dict, variant: str, ceil: dict) -> dict:
     from pagedserve.kernels import pdl
 
-    tp, flags = parse_variant(variant)
-    saved = os.environ.get(pdl.ENV)
-    if "nopdl" in flags:  # read as the worker ranks start; rank 0 runs here and is overridden for the variant
-        os.environ[pdl.ENV] = "0"
-        pdl.set_enabled(False)
+    # The worker ranks read the environment as they start; rank 0 runs in this process and launches eager
+    # kernels for the whole variant, so it gets PDL's in-process override for all of it.
+    pdl.set_enabled(False if "nopdl" in parse_variant(variant)[1] else None)
     try:
-        return _run_tp(args, shape, variant, tp, flags, ceil)
+        return _run_tp(args, shape, variant, ceil)
     finally:
         pdl.set_enabled(None)
-        if saved is None:
-            os.environ.pop(pdl.ENV, None)
-        else:
-            os.environ[pdl.ENV] = saved
 
 
-def _run_tp(args, shape: dict, variant: str, tp: int, flags: set[str], ceil: dict) -> dict:
+def _run_tp(args, shape: dict, variant: str, ceil: dict) -> dict:
+    from pagedserve.kernels import pdl
     from pagedserve.runtime import LLM
     from pagedserve.runtime.parallel import ALLREDUCE_ENV
 
-    saved = os.environ.get(ALLREDUCE_ENV)
-    os.environ[ALLREDUCE_ENV] = "nccl" if "nccl" in flags else "auto"  # read as the ranks start
+    tp, flags = parse_variant(variant)
     t0 = time.perf_counter()
-    try:
+    with _env(ALLREDUCE_ENV, "nccl" if "nccl" in flags else "auto"), _env(pdl.ENV, "0" if "nopdl" in flags else None):
         llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=args.max_model_len,
                   gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                   tensor_parallel_size=tp, async_scheduling=False if "sync" in flags else None)
-    finally:
-        if saved is None:
-            os.environ.pop(ALLREDUCE_ENV, None)
-        else:
-            os.environ[ALLREDUCE_ENV] = saved
     res: dict = {"tensor_parallel_size": tp, "variant": variant, "load_s": time.perf_counter() - t0,
                  "async_scheduling": llm.engine.async_scheduling,
                  "peer_all_reduce": getattr(llm.engine.runner, "tp", None) is not None

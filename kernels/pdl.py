@@ -74,10 +74,17 @@ def pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
+def pdl_begin(PDL: tl.constexpr):
+    """The prologue of a kernel with nothing to do before its wait: let the next kernel launch, then wait."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
+
+
+@triton.jit
 def pdl_launch_dependents(PDL: tl.constexpr):
     """Let the next kernel launch once every program of this one has started (or finished)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
 
-__all__ = ["ENV", "enabled", "launch_kwargs", "pdl_launch_dependents", "pdl_wait", "set_enabled"]
+__all__ = ["ENV", "enabled", "launch_kwargs", "pdl_begin", "pdl_launch_dependents", "pdl_wait", "set_enabled"]

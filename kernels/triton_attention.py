@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.kernels.pdl import launch_kwargs, pdl_launch_dependents, pdl_wait
+from pagedserve.kernels.pdl import launch_kwargs, pdl_begin
 
 LOG2E = 1.4426950408889634
 
@@ -62,8 +62,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     # KV heads fastest: the heads of one (sequence, split) read neighbouring rows of the same cache blocks
     # side by side (measured no faster than sequence-fastest on an H100, run 2, but no slower either).
     kv_head = tl.program_id(0)
@@ -159,8 +158,7 @@ def _merge_kernel(
     num_splits, stride_ps, stride_ph, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -219,8 +217,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     head = tl.program_id(0)
     m_block = num_m_blocks - 1 - tl.program_id(1)  # the longest (most keys) tiles start first
     seq = tl.program_id(2)
@@ -333,7 +330,7 @@ def _config(head_dim: int, interpreted: bool, max_query_len: int):
     if interpreted:
         # Small tiles so that small test shapes still cross many tile and page boundaries.
         return dict(dec_block_n=16, dec_warps=4, dec_stages=1, dec_min_partition=32, dec_programs_per_sm=4,
-                    dec_fused_merge=True, pf_block_m=16, pf_block_n=16, pf_warps=4, pf_stages=1)
+                    dec_fused_merge=True, pf_block_m=16, pf_block_n=16, pf_warps=4, pf_stages=1, pdl=False)
     # Prefill tiles from the run-2 sweep on an H100 (bench/NOTES_kernels.md): 64x64 with 4 warps is best up
     # to a few thousand queries; 128x128 with 8 warps wins on very long prompts.
     if max_query_len <= 16:
@@ -347,6 +344,7 @@ def _config(head_dim: int, interpreted: bool, max_query_len: int):
         # 256 tokens (9.8 us per layer on an H200, latency-bound); large batches still get 1-2 splits.
         dec_block_n=64, dec_warps=4, dec_stages=3, dec_min_partition=64, dec_programs_per_sm=2,
         dec_fused_merge=False, pf_block_m=pf_block_m, pf_block_n=pf_block_n, pf_warps=pf_warps, pf_stages=3,
+        pdl=True,  # programmatic dependent launch where the device has it (kernels/pdl.py)
     )
 
 
@@ -375,7 +373,7 @@ def paged_attention_launch(
     cfg = _config(head_dim, interpreted, max_query_len)
     cfg.update(overrides)
     qk_scale = float(scale) * LOG2E
-    pdl = launch_kwargs(q) if cfg.get("pdl", True) else {"PDL": False}  # pdl=False: a benchmark's ablation
+    pdl = launch_kwargs(q) if cfg["pdl"] else {"PDL": False}
     common_strides = (
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.kernels.pdl import launch_kwargs, pdl_launch_dependents, pdl_wait
+from pagedserve.kernels.pdl import launch_kwargs, pdl_begin
 
 
 @triton.jit
@@ -21,8 +21,7 @@ def _rms_norm_kernel(
     stride_xa, stride_xb, stride_ra, stride_rb,
     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     row = tl.program_id(0)
     # Rows are indexed as (a, b) so a [tokens, heads, head_dim] view of a fused qkv needs no copy.
     a = (row // inner).to(tl.int64)
@@ -113,8 +112,7 @@ def _tp_add_rms_norm_kernel(
     other rank, sum the partials in rank order (so every rank gets the same bits), then residual add + RMSNorm
     as above. Pushing (stores over NVLink, which the sender does not wait for) and reading the peers' rows
     from local memory costs one one-way trip instead of a remote load's round trip."""
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols

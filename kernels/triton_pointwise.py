@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.kernels.pdl import launch_kwargs, pdl_launch_dependents, pdl_wait
+from pagedserve.kernels.pdl import launch_kwargs, pdl_begin
 
 
 # ------------------------------------------------------------------------------------------ KV cache
@@ -26,8 +26,7 @@ def _write_kv_kernel(
     BLOCK_SIZE: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -118,8 +117,7 @@ def _rotary_kernel(
     num_q_heads, num_k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     cos, sin = _load_cos_sin(cos_sin_ptr, pos, stride_cache, q_out_ptr.dtype.element_ty, HALF, HALF_PAD)
@@ -139,8 +137,7 @@ def _rotary_cache_kernel(
 ):
     """Rotary on q (to q_out) and k (straight into the paged cache at the token's slot), v copied into its
     cache: one launch per layer instead of two, and rotated k never round-trips through memory."""
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     cos, sin = _load_cos_sin(cos_sin_ptr, pos, stride_cache, q_out_ptr.dtype.element_ty, HALF, HALF_PAD)
@@ -233,8 +230,7 @@ def rotary_embedding(
 # ------------------------------------------------------------------------------------- SiLU and mul
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
