@@ -22,6 +22,18 @@ SHAPES = {  # name: (K, N) of y = x @ W.T, W [N, K]
 LAYERS = 32
 
 
+def inflight_config(n: int, k: int, per_sm_bytes: int = 44 << 10, sms: int = 132) -> dict:
+    """A candidate rule, not yet measured (session 5): keep ~44-48 KB of weights in flight per SM. A program
+    holds one [block_n, block_k] tile in flight, and with N / block_n programs spread over the SMs that is
+    N * block_k * 2 / SMs bytes per SM, so block_k grows as N shrinks. The profile of TP=2 batch-1 decode
+    (results/profile_tp2_s5_timeline_h200x2.log) has qkv (N 3072: ~23 KB per SM with 512-column tiles) at
+    11.3 us against a 5.9 us floor and gate_up (N 14336: ~55 KB per SM) at 28.9 against 27.7."""
+    block_k = 256
+    while block_k < 2048 and n * block_k * 2 / sms < per_sm_bytes:
+        block_k *= 2
+    return dict(block_n=4, block_k=block_k, num_warps=4 if block_k <= 1024 else 8, num_stages=3, rule="inflight")
+
+
 def main() -> None:
     import os
     import sys
@@ -34,13 +46,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--rows", default="1,4,8")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names from SHAPES")
+    ap.add_argument("--block-n", default="4,8,16")
+    ap.add_argument("--block-k", default="256,512")
+    ap.add_argument("--warps", default="4")
+    ap.add_argument("--stages", default="3,5")
     args = ap.parse_args()
     ceil = measure_ceilings()
     result = {"env": environment(), "ceilings": ceil, "rows": []}
-    configs = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
-               for bn, bk, nw, ns in itertools.product((4, 8, 16), (256, 512), (4,), (3, 5))]
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    configs = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns) for bn, bk, nw, ns in
+               itertools.product(ints(args.block_n), ints(args.block_k), ints(args.warps), ints(args.stages))]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for name, (k, n) in SHAPES.items():
+    for name in args.shapes.split(","):
+        k, n = SHAPES[name]
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02 for _ in range(LAYERS)]
         wbytes = n * k * 2
         for m in (int(r) for r in args.rows.split(",")):
@@ -52,11 +71,14 @@ def main() -> None:
             row["cublas_GBps"] = wbytes / row["cublas_us"] / 1e3
             if m == 1:  # the GEMV takes one row (cuBLAS is flat in M up to 8; the GEMV was not)
                 best = None
-                for cfg in configs:
-                    err = (gemv(x, ws[0], **cfg).float() - ref.float()).abs().max().item()
+                row["configs"] = []
+                for cfg in [*configs, inflight_config(n, k)]:
+                    kw = {key: v for key, v in cfg.items() if key != "rule"}
+                    err = (gemv(x, ws[0], **kw).float() - ref.float()).abs().max().item()
                     if err > 0.05 * ref.float().abs().max().item():
                         raise SystemExit(f"{name} M={m} {cfg}: max error {err}")
-                    us = graph_us_per_call(lambda x=x, ws=ws, cfg=cfg: [gemv(x, w, **cfg) for w in ws], LAYERS)
+                    us = graph_us_per_call(lambda x=x, ws=ws, kw=kw: [gemv(x, w, **kw) for w in ws], LAYERS)
+                    row["configs"].append({**cfg, "us": us})
                     if best is None or us < best[0]:
                         best = (us, cfg)
                 row["gemv_us"], row["gemv_config"] = best

@@ -37,10 +37,11 @@ from gpu_common import LLAMA_8B, environment, llama_param_bytes, measure_ceiling
 
 def parse_variant(text: str) -> tuple[int, set[str]]:
     """"2" -> (2, {}); "2:nccl:sync" -> (2, {"nccl", "sync"}): NCCL for every all-reduce, no async scheduling;
-    "nopdl": no programmatic dependent launch (kernels/pdl.py)."""
+    "nopdl": no programmatic dependent launch (kernels/pdl.py); "GEMV_SILU=0": the environment variable
+    PAGEDSERVE_GEMV_SILU=0 for this variant's processes (an experiment knob read at import)."""
     size, *flags = text.split(":")
     known = {"nccl", "sync", "nopdl"}
-    if set(flags) - known:
+    if {f for f in flags if "=" not in f} - known:
         raise SystemExit(f"--tp-sizes: unknown flag(s) {sorted(set(flags) - known)} in {text!r} "
                          f"(known: {sorted(known)})")
     return int(size), set(flags)
@@ -109,7 +110,7 @@ def _run_tp(args, shape: dict, variant: str, ceil: dict) -> dict:
               f"TTFT {lat['ttft_s'] * 1e3:.0f} ms"
               + (f"; rank 0's host waited for its GPU {lat['rank0_device_wait_fraction']:.0%} of the time"
                  if "rank0_device_wait_fraction" in lat else ""), flush=True)
-        if flags and not args.throughput_all:  # an ablation: batch-1 latency only
+        if args.latency_only or (flags and not args.throughput_all):  # an ablation: batch-1 latency only
             return res
         lens = workload(args.workload, args.num_requests)
         concurrency = int(min(args.max_num_seqs, kv_tokens // np.mean([i + o for i, o in lens])))
@@ -135,6 +136,11 @@ def _run_tp(args, shape: dict, variant: str, ceil: dict) -> dict:
     return res
 
 
+def variant_env(variant: str) -> dict[str, str]:
+    """The PAGEDSERVE_* environment a variant's KEY=VALUE flags ask for."""
+    return {f"PAGEDSERVE_{k}": v for k, _, v in (f.partition("=") for f in parse_variant(variant)[1] if "=" in f)}
+
+
 def run_in_child(args, variant: str, ceil: dict) -> dict:
     """``run_tp`` for one variant in a fresh process. Engines one after another in one process did not give
     each a clean start on two H200s: a TP=1 engine after a TP=2 one found ~25 GB less free memory on cuda:0,
@@ -143,13 +149,15 @@ def run_in_child(args, variant: str, ceil: dict) -> dict:
                  "--num-requests", str(args.num_requests), "--max-model-len", str(args.max_model_len),
                  "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                  "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    forwarded += ["--throughput-all"] * args.throughput_all + ["--enforce-eager"] * args.enforce_eager
+    forwarded += (["--throughput-all"] * args.throughput_all + ["--enforce-eager"] * args.enforce_eager
+                  + ["--latency-only"] * args.latency_only)
     if args.layers:
         forwarded += ["--layers", str(args.layers)]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "run.json")
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded, "--tp-sizes", variant,
-                               "--child-ceilings", json.dumps(ceil), "--child-out", out], check=False)
+                               "--child-ceilings", json.dumps(ceil), "--child-out", out], check=False,
+                              env={**os.environ, **variant_env(variant)})
         if proc.returncode != 0 or not os.path.exists(out):
             print(f"[TP={variant}] failed: exit code {proc.returncode}", flush=True)
             return {"variant": variant, "error": f"exit code {proc.returncode}"}
@@ -166,6 +174,7 @@ def main():
                          "2:sync (no async scheduling), 2:nopdl (no programmatic dependent launch); flagged "
                          "runs measure batch-1 latency only")
     ap.add_argument("--throughput-all", action="store_true", help="throughput for flagged runs too")
+    ap.add_argument("--latency-only", action="store_true", help="batch-1 latency only, for every run")
     ap.add_argument("--workload", default="a", choices=["a", "b"])
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -181,6 +190,9 @@ def main():
     args = ap.parse_args()
 
     variants = args.tp_sizes.split(",")
+    if args.in_process and any(variant_env(v) for v in variants):
+        raise SystemExit("KEY=VALUE variant flags are read at import: they need a child process per variant "
+                         "(drop --in-process)")
     sizes = [parse_variant(v)[0] for v in variants]
     if max(sizes) > torch.cuda.device_count():
         raise SystemExit(f"--tp-sizes {args.tp_sizes} needs {max(sizes)} GPUs; {torch.cuda.device_count()} visible")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -19,6 +20,89 @@ for _key, _value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from gpu_common import LLAMA_8B, write_random_llama  # noqa: E402
+
+
+def _short(name: str) -> str:
+    for key in ("_gemv", "_tp_add_rms_norm", "_fused_add_rms_norm", "_rms_norm", "_silu", "_merge", "_decode",
+                "_rotary", "nvjet", "gemm", "one_shot", "nccl", "Memcpy", "Memset", "reduce_kernel", "index",
+                "elementwise", "argmax"):
+        if key in name:
+            return key.strip("_")
+    return name[:40]
+
+
+def analyze_trace(path: str, steps: int) -> dict:
+    """Rank 0's GPU timeline from a torch.profiler chrome trace, per step: how long the GPU ran something,
+    the idle gaps (and which kernels they sit between), and each kernel kind's *exclusive* time: every instant
+    goes to the earliest-started kernel still running. With programmatic dependent launch a kernel starts
+    while its predecessor runs and waits inside, so its own duration overstates it; the earliest running
+    kernel is the one doing the work."""
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted(
+        ((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), _short(e.get("name", "")))
+         for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("dur")),
+        key=lambda t: t[0],
+    )
+    if not kernels:
+        return {}
+    window = kernels[-1][1] - kernels[0][0]
+    exclusive: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    gaps: dict[str, list] = {}
+    # Sweep: the running kernels, by start; each segment between two boundaries goes to the earliest.
+    bounds = sorted({t for k in kernels for t in k[:2]})
+    idx = 0
+    active: list[tuple[float, float, str]] = []
+    busy = 0.0
+    last_name = None
+    for a, b in itertools.pairwise(bounds):
+        while idx < len(kernels) and kernels[idx][0] <= a:
+            active.append(kernels[idx])
+            counts[kernels[idx][2]] = counts.get(kernels[idx][2], 0) + 1
+            idx += 1
+        active = [k for k in active if k[1] > a]
+        if active:
+            owner = min(active, key=lambda k: k[0])[2]
+            exclusive[owner] = exclusive.get(owner, 0.0) + (b - a)
+            busy += b - a
+            last_name = owner
+        else:
+            nxt = kernels[idx][2] if idx < len(kernels) else "end"
+            gaps.setdefault(f"{last_name} -> {nxt}", [0.0, 0])
+            gaps[f"{last_name} -> {nxt}"][0] += b - a
+            gaps[f"{last_name} -> {nxt}"][1] += 1
+    per = 1e3 * steps  # trace times are in us; report ms per step
+    return {
+        "window_ms_per_step": window / per, "busy_ms_per_step": busy / per, "idle_ms_per_step": (window - busy) / per,
+        "exclusive_ms_per_step": {k: round(v / per, 4) for k, v in sorted(exclusive.items(), key=lambda kv: -kv[1])},
+        "launches_per_step": {k: v / steps for k, v in sorted(counts.items(), key=lambda kv: -kv[1])},
+        "idle_gaps_ms_per_step": {k: [round(v[0] / per, 4), v[1] / steps]
+                                  for k, v in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:12]},
+    }
+
+
+def print_boundaries(path: str, count: int = 2, context_us: float = 60.0) -> None:
+    """Rank 0's host and GPU around the first ``count`` GPU idle gaps longer than 20 us: every CUDA runtime call
+    (host) and GPU operation by start time, in us from the gap, to see what the GPU was waiting for."""
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    gpu = sorted(((float(e["ts"]), float(e.get("dur", 0)), e.get("name", "")) for e in events
+                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda t: t[0])
+    host = [(float(e["ts"]), float(e.get("dur", 0)), e.get("name", "")) for e in events
+            if e.get("cat") in ("cuda_runtime", "cuda_driver") or (e.get("cat") == "cpu_op" and
+                                                                  float(e.get("dur", 0)) > 15)]
+    end, shown = 0.0, 0
+    for ts, dur, _ in gpu:
+        if end and ts - end > 20 and shown < count:
+            shown += 1
+            lo, hi = end - context_us * 4, ts + context_us
+            print(f"--- GPU idle {ts - end:.1f} us at t0 = {end:.1f}")
+            rows = [(t, d, "GPU ", n) for t, d, n in gpu if lo <= t <= hi or lo <= t + d <= hi]
+            rows += [(t, d, "host", n) for t, d, n in host if lo <= t <= hi]
+            for t, d, who, n in sorted(rows):
+                print(f"{t - end:9.1f} {d:8.1f}  {who} {n[:90]}")
+        end = max(end, ts + dur)
 
 
 def main() -> None:
@@ -67,7 +151,11 @@ def main() -> None:
         for _ in range(args.profile_steps):
             eng.step()
         torch.cuda.synchronize()
-    prof.export_chrome_trace(os.path.join(args.out_dir, f"trace_tp{args.tp}_b{args.batch}.json"))
+    trace_path = os.path.join(args.out_dir, f"trace_tp{args.tp}_b{args.batch}.json")
+    prof.export_chrome_trace(trace_path)
+    summary["gpu_timeline"] = analyze_trace(trace_path, args.profile_steps)
+    print(json.dumps(summary["gpu_timeline"], indent=1), flush=True)
+    print_boundaries(trace_path)
     ka = prof.key_averages()
     print(ka.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
     print(ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60), flush=True)

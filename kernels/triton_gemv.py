@@ -5,10 +5,15 @@ reduction kernel. Accumulation in fp32, one rounding at the end, like cuBLAS. Me
 the 8B model's projections in bench/bench_gemv.py (results/gemv_h200.json): 3-13% faster for one row up to
 K = 7168; from two rows on cuBLAS wins (an earlier multi-row version of this kernel was 2-8x slower there).
 
-With programmatic dependent launch (``pdl.py``) a program loads its first weight tile before it waits for the
-kernel that produces ``x``. Asking L2 for more of the weights there (``prefetch.global.L2::evict_last``, up to
-24 MB per projection) was tried on two H200s and made batch-1 decode slower (TP=1 5.10 vs 4.52 ms, TP=2 3.41
-vs 3.08 ms in the same run; bench/README.md), so it is not done.
+With programmatic dependent launch (``pdl.py``) a program loads the first ``PRE_K`` columns of its rows before
+it waits for the kernel that produces ``x`` (default: one ``BLOCK_K`` tile). Measured on two H200s and not
+done (bench/README.md, "Tensor parallelism"): asking L2 for more of the weights before the wait, either with
+per-thread ``prefetch.global.L2::evict_last`` (session 4: TP=1 5.10 vs 4.52 ms) or with one bulk
+``cp.async.bulk.prefetch.L2`` of each program's rows (session 5: TP=1 5.23 vs 4.40 ms, TP=2 3.61 vs 3.10 ms);
+and computing silu_and_mul while loading the down projection's input instead of in its own kernel (TP=2
+3.29 vs 3.09 ms). A wider first tile (``pre_k`` 2048) helped TP=2 a little in one run (2.94 vs 3.03 ms) and
+cost TP=1 a lot (4.70 vs 4.33 ms: 91-168 registers per thread instead of 40, so fewer programs in flight);
+it stays a parameter for benchmarks (bench/bench_gemv.py sweeps it), off in the engine.
 """
 
 from __future__ import annotations
@@ -22,21 +27,22 @@ from pagedserve.kernels.pdl import launch_kwargs, pdl_launch_dependents, pdl_wai
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PRE_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
-    k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
     pdl_launch_dependents(PDL)
-    # The weights are never written by a kernel: with PDL the first tile is loaded while the kernel that
-    # produces x is still finishing; x itself only after the wait.
-    w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+    # The weights are never written by a kernel: with PDL the first PRE_K columns are loaded while the kernel
+    # that produces x is still finishing; x itself only after the wait.
+    k0 = tl.arange(0, PRE_K)
+    w0 = tl.load(w_rows + k0[None, :], mask=n_mask[:, None] & (k0 < K)[None, :], other=0.0)
     pdl_wait(PDL)
-    x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-    acc = tl.sum(w * x[None, :], axis=1)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        kk = k0 + k
+    x0 = tl.load(x_ptr + k0, mask=k0 < K, other=0.0).to(tl.float32)
+    acc = tl.sum(w0.to(tl.float32) * x0[None, :], axis=1)
+    k = tl.arange(0, BLOCK_K)
+    for start in range(PRE_K, K, BLOCK_K):
+        kk = start + k
         k_mask = kk < K
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
@@ -45,17 +51,22 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BL
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = 4, block_k: int = 512, num_warps: int = 4,
-         num_stages: int = 3) -> torch.Tensor:
-    """``x @ w.T`` for one row ``x`` [1, K] and ``w`` [N, K] contiguous in K; returns [1, N]."""
+         num_stages: int = 3, pre_k: int | None = None) -> torch.Tensor:
+    """``x @ w.T`` for one row ``x`` [1, K] and ``w`` [N, K] contiguous in K; returns [1, N]. ``pre_k`` (a
+    power of two and a multiple of ``block_k``; default ``block_k``): how many columns of its rows a program
+    loads before the PDL wait."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"expected x [1, K] and w [N, K] contiguous in K; got {tuple(x.shape)}, {tuple(w.shape)}")
     if x.shape[0] != 1:
         raise ValueError(f"gemv takes one row (cuBLAS is faster from two rows on), got {x.shape[0]} rows")
+    pre_k = block_k if pre_k is None else pre_k
+    if pre_k % block_k or pre_k & (pre_k - 1):
+        raise ValueError(f"pre_k ({pre_k}) must be a power of two and a multiple of block_k ({block_k})")
     n, k = w.shape
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-        **launch_kwargs(x),
+        x, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k, num_warps=num_warps,
+        num_stages=num_stages, **launch_kwargs(x),
     )
     return y
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pagedserve.runtime.layers import AttentionMetadata
+from pagedserve.runtime.staging import HostStaging
 
 logger = logging.getLogger("pagedserve.cuda_graphs")
 
@@ -34,8 +35,9 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, max_bs: int, max_blocks_per_seq: int, max_model_len: int, device,
-                 query_lens: tuple[int, ...] = (1,)) -> None:
+                 query_lens: tuple[int, ...] = (1,), staging: HostStaging | None = None) -> None:
         self.model = model
+        self.staging = staging or HostStaging(torch.device(device))  # the runner's, shared by its graphs
         self.device = device
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -112,12 +114,13 @@ class DecodeGraphs:
         n = len(seq_lens)
         bs = self.bucket(n)
         t = n * q
+        host = self.staging.host
         self.ids[:t].copy_(input_ids, non_blocking=True)
-        self.positions[:t].copy_(torch.from_numpy(positions), non_blocking=True)
-        self.slots[:t].copy_(torch.from_numpy(slots), non_blocking=True)
+        self.positions[:t].copy_(host(positions, torch.long), non_blocking=True)
+        self.slots[:t].copy_(host(slots, torch.long), non_blocking=True)
         width = block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(torch.from_numpy(block_tables), non_blocking=True)
-        self.seq_lens[:n].copy_(torch.from_numpy(seq_lens.astype(np.int32)), non_blocking=True)
+        self.block_tables[:n, :width].copy_(host(block_tables, torch.int32), non_blocking=True)
+        self.seq_lens[:n].copy_(host(seq_lens, torch.int32), non_blocking=True)
         if bs > n:  # padding rows write nothing and attend to q (ignored) tokens
             self.slots[t:bs * q].fill_(-1)
             self.seq_lens[n:bs].fill_(q)

@@ -168,11 +168,10 @@ class DraftModel:
         token_req = np.repeat(np.arange(len(rows)), num_sched)
         block_tables = runner.block_table[rows]
         slots = block_tables[token_req, positions // bs].astype(np.int64) * bs + positions % bs
-        dev = self.device
-        ids_t = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        ids_t = runner.staging.to_device(ids, torch.long)
         hidden, _, tok_end = runner.run_model(self.model, self.graphs, ids_t, positions, slots, block_tables,
                                               seq_lens, cu, num_sched, seq_lens - num_sched)
-        last = torch.from_numpy(tok_end - 1).to(dev, non_blocking=True)
+        last = runner.staging.to_device(tok_end - 1, torch.long)
         return self.model.compute_logits(hidden.index_select(0, last)).float()
 
     @staticmethod

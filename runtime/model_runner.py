@@ -19,9 +19,10 @@ from pagedserve.runtime.layers import AttentionMetadata
 from pagedserve.runtime.models import get_model_class
 from pagedserve.runtime.parallel import SINGLE, TPGroup
 from pagedserve.runtime.rejection_sampler import VerifiedTokens, verify_drafts
-from pagedserve.runtime.sampler import Sampler, SamplingRow, compute_logprobs, suppressed_token_ids, to_device
+from pagedserve.runtime.sampler import Sampler, SamplingRow, compute_logprobs, suppressed_token_ids
 from pagedserve.runtime.sampling_params import SamplingParams
 from pagedserve.runtime.scheduler import SchedulerOutput
+from pagedserve.runtime.staging import HostStaging
 
 logger = logging.getLogger("pagedserve.runner")
 
@@ -146,6 +147,7 @@ class ModelRunner:
         self.model.eval()
         self.vocab_size = hf_config.vocab_size
         self.sampler = Sampler(self.vocab_size, device, seed)
+        self.staging = HostStaging(device)  # each step's inputs reach the GPU through pinned memory
         self.requests: dict[str, RequestState] = {}
         max_len = scheduler_config.max_model_len
         self.max_blocks_per_seq = -(-max_len // self.block_size)
@@ -293,6 +295,7 @@ class ModelRunner:
             self._add_request(nr)
         if so.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput([], None, None)
+        self.staging.begin_step()
         bs = self.block_size
         states = [self.requests[rid] for rid in so.req_ids]
         table = self.block_table
@@ -318,7 +321,7 @@ class ModelRunner:
         seq_lens = starts + num_sched
         dev = self.device
         ids_np = np.fromiter((t for ids in so.token_ids for t in ids), dtype=np.int64, count=total)
-        ids_t = torch.from_numpy(ids_np).to(dev, non_blocking=True)
+        ids_t = self.staging.to_device(ids_np, torch.long)
         placeholders = np.flatnonzero(ids_np < 0)
         if placeholders.size:  # tokens the previous (deferred) step sampled, still only on the device
             if not self._prev_index:
@@ -326,8 +329,8 @@ class ModelRunner:
                                    "not keep them on the device (a deferred step must precede it)")
             prev_index = self._prev_index
             src = [prev_index[so.req_ids[r]] for r in token_req[placeholders].tolist()]
-            ids_t[torch.from_numpy(placeholders).to(dev, non_blocking=True)] = self._prev_sampled[
-                to_device(src, torch.long, dev)]
+            ids_t[self.staging.to_device(placeholders, torch.long)] = self._prev_sampled[
+                self.staging.to_device(src, torch.long)]
         if not deferred:  # this step's samples reach the host: the next step's inputs are all real tokens
             self._prev_index = {}
         hidden, tok_start, tok_end = self.run_model(
@@ -352,7 +355,7 @@ class ModelRunner:
             last = tok_end[sample_idx] - 1
             if spec_idx:  # every scheduled position of a request with drafts: one logit row per draft + 1
                 last = np.concatenate([last, *(np.arange(tok_start[i], tok_end[i]) for i in spec_idx)])
-            logits = self.model.compute_logits(hidden.index_select(0, torch.from_numpy(last).to(dev, non_blocking=True)))
+            logits = self.model.compute_logits(hidden.index_select(0, self.staging.to_device(last, torch.long)))
             if logits is None:  # a tensor-parallel rank other than 0: it joined the gather; rank 0 samples
                 if deferred and sample_idx:  # the next step's placeholder inputs are rank 0's samples
                     ids = torch.empty(len(sample_idx), dtype=torch.long, device=dev)
@@ -425,24 +428,24 @@ class ModelRunner:
                 ids_p = ids_t
             else:
                 ids_p = torch.zeros(n * q, dtype=torch.long, device=dev)
-                ids_p[torch.from_numpy(np.flatnonzero(real)).to(dev, non_blocking=True)] = ids_t
+                ids_p[self.staging.to_device(np.flatnonzero(real), torch.long)] = ids_t
             seq_p = starts + q
             width = int(-(-seq_p.max() // bs))
             hidden = graphs.run(ids_p, positions_p, slots_p.ravel(), np.ascontiguousarray(block_tables[:, :width]),
                                 seq_p, q)
             return hidden, tok_start, tok_start + num_sched
         meta = self._device_meta(slots, block_tables, seq_lens, cu, num_sched)
-        hidden = model(ids_t, torch.from_numpy(positions).to(dev, non_blocking=True), meta)
+        hidden = model(ids_t, self.staging.to_device(positions, torch.long), meta)
         return hidden, cu[:-1], cu[1:]
 
     def _device_meta(self, slots, block_tables, seq_lens, cu, num_sched) -> AttentionMetadata:
-        dev = self.device
+        stage = self.staging.to_device
         width = int(-(-seq_lens.max() // self.block_size))
         return AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(np.ascontiguousarray(block_tables[:, :width])).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
-            query_start_loc=torch.from_numpy(cu.astype(np.int32)).to(dev, non_blocking=True),
+            slot_mapping=stage(slots, torch.long),
+            block_tables=stage(block_tables[:, :width], torch.int32),
+            seq_lens=stage(seq_lens, torch.int32),
+            query_start_loc=stage(cu, torch.int32),
             max_query_len=int(num_sched.max()),
             max_seq_len=int(seq_lens.max()),
         )
@@ -455,11 +458,13 @@ class ModelRunner:
 
         query_lens = (1, spec_query_len) if spec_query_len else (1,)
         max_len = self.scheduler_config.max_model_len
-        self.graphs = DecodeGraphs(self.model, self.max_rows, self.max_blocks_per_seq, max_len, self.device, query_lens)
+        self.graphs = DecodeGraphs(self.model, self.max_rows, self.max_blocks_per_seq, max_len, self.device, query_lens,
+                                   staging=self.staging)
         self.graphs.capture()
         if self.drafter is not None:
             self.drafter.graphs = DecodeGraphs(
-                self.drafter.model, self.max_rows, self.max_blocks_per_seq, max_len, self.device, query_lens
+                self.drafter.model, self.max_rows, self.max_blocks_per_seq, max_len, self.device, query_lens,
+                staging=self.staging,
             )
             self.drafter.graphs.capture()
 

@@ -16,8 +16,9 @@ from pagedserve.runtime.sampling_params import SamplingParams
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a device tensor without a host synchronisation (``torch.tensor(..., device=)``
-    waits for the device; a non-blocking copy from pageable memory is staged and returns at once)."""
+    """A small host list as a device tensor without a device synchronisation (``torch.tensor(..., device=)``
+    synchronises). From pageable memory the non-blocking copy may still hold the host until the stream reaches
+    it; a step's inputs go through the runner's pinned ``HostStaging`` instead (runtime/staging.py)."""
     t = torch.tensor(values, dtype=dtype)
     return t.to(device, non_blocking=True) if device.type != "cpu" else t
 

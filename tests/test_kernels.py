@@ -383,6 +383,20 @@ def test_gemv(dtype, block_n, block_k):
     with pytest.raises(ValueError, match="one row"):
         gemv.gemv(randn(2, k, dtype=dtype, gen=gen), w)
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
+@pytest.mark.parametrize(("block_k", "pre_k"), [(256, 512), (512, 1024), (64, 64)])
+def test_gemv_wide_first_tile(dtype, block_k, pre_k):
+    """A first tile wider than the loop's (``pre_k`` columns, loaded before the PDL wait), alone (K <= pre_k)
+    or followed by the loop, against the fp32 product."""
+    gen = generator("gemv_pre_k", dtype, block_k, pre_k)
+    k, n = 700, 37
+    x = randn(1, k, dtype=dtype, gen=gen)
+    w = randn(n, k, dtype=dtype, gen=gen)
+    check_close(gemv.gemv(x, w, block_k=block_k, pre_k=pre_k), x.float() @ w.float().T, dtype, "gemv pre_k")
+    with pytest.raises(ValueError, match="multiple of block_k"):
+        gemv.gemv(x, w, block_k=256, pre_k=768)
+
 # -------------------------------------------------------------------------------------- rotary, silu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -495,7 +509,8 @@ def test_pdl_chain_in_a_cuda_graph_equals_plain_launches():
                 v.reshape(1, kv_heads, head_dim), cos_sin, k_cache, v_cache, slot_mapping)
             a = attention.paged_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale,
                                           max_query_len=1, max_seq_len=seq_len)
-            h, residual = norm.fused_add_rms_norm(gemv.gemv(a.reshape(1, -1), p["o"]), residual, p["n2"], eps)
+            o = gemv.gemv(a.reshape(1, -1), p["o"], pre_k=1024)  # the whole row loaded before the PDL wait
+            h, residual = norm.fused_add_rms_norm(o, residual, p["n2"], eps)
             x = gemv.gemv(ops.silu_and_mul(gemv.gemv(h, p["gu"])), p["down"])
         return x, residual
 
