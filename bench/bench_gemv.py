@@ -22,18 +22,6 @@ SHAPES = {  # name: (K, N) of y = x @ W.T, W [N, K]
 LAYERS = 32
 
 
-def inflight_config(n: int, k: int, per_sm_bytes: int = 44 << 10, sms: int = 132) -> dict:
-    """A candidate rule, not yet measured (session 5): keep ~44-48 KB of weights in flight per SM. A program
-    holds one [block_n, block_k] tile in flight, and with N / block_n programs spread over the SMs that is
-    N * block_k * 2 / SMs bytes per SM, so block_k grows as N shrinks. The profile of TP=2 batch-1 decode
-    (results/profile_tp2_s5_timeline_h200x2.log) has qkv (N 3072: ~23 KB per SM with 512-column tiles) at
-    11.3 us against a 5.9 us floor and gate_up (N 14336: ~55 KB per SM) at 28.9 against 27.7."""
-    block_k = 256
-    while block_k < 2048 and n * block_k * 2 / sms < per_sm_bytes:
-        block_k *= 2
-    return dict(block_n=4, block_k=block_k, num_warps=4 if block_k <= 1024 else 8, num_stages=3, rule="inflight")
-
-
 def main() -> None:
     import os
     import sys
@@ -41,7 +29,7 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from gpu_common import environment, graph_us_per_call, measure_ceilings
 
-    from pagedserve.kernels.triton_gemv import gemv
+    from pagedserve.kernels.triton_gemv import gemv, inflight_config
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -72,7 +60,7 @@ def main() -> None:
             if m == 1:  # the GEMV takes one row (cuBLAS is flat in M up to 8; the GEMV was not)
                 best = None
                 row["configs"] = []
-                for cfg in [*configs, inflight_config(n, k)]:
+                for cfg in [*configs, {**inflight_config(n, k), "rule": "inflight"}]:
                     kw = {key: v for key, v in cfg.items() if key != "rule"}
                     err = (gemv(x, ws[0], **kw).float() - ref.float()).abs().max().item()
                     if err > 0.05 * ref.float().abs().max().item():

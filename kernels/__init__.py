@@ -95,14 +95,20 @@ def silu_and_mul(x):
 # One-row matmuls where the Triton GEMV beat cuBLAS on an H200 (bench/results/gemv_h200.json, Llama-8B's
 # projections at TP 1 and 2: 3-13% faster up to K = 7168; cuBLAS stays ahead at K = 14336 and for 2+ rows).
 GEMV_MAX_K = 8192
+# "inflight": launch the GEMV with triton_gemv.inflight_config, a candidate not yet measured (an experiment
+# knob, read once at import; worker ranks inherit it). Anything else: the configurations below.
+_GEMV_CONFIG = os.environ.get("PAGEDSERVE_GEMV_CONFIG", "")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, with batch-1 decode's single-row products on the Triton GEMV on CUDA."""
     if (bias is None and x.dim() == 2 and x.shape[0] == 1 and weight.shape[1] <= GEMV_MAX_K
             and x.dtype == weight.dtype and x.stride(1) == 1 and weight.stride(1) == 1 and use_triton(x)):
-        from pagedserve.kernels.triton_gemv import gemv
+        from pagedserve.kernels.triton_gemv import gemv, inflight_config
 
+        if _GEMV_CONFIG == "inflight" and weight.shape[0] < 14336:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            return gemv(x, weight, **inflight_config(*weight.shape, sms=sms))
         if weight.shape[0] >= 14336:  # wide outputs: more rows per program, deeper pipeline (the sweep's best)
             return gemv(x, weight, block_n=8, block_k=256, num_stages=5)
         return gemv(x, weight, block_n=4, block_k=512, num_stages=3)

@@ -50,6 +50,20 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BL
     tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
+def inflight_config(n: int, k: int, per_sm_bytes: int = 44 << 10, sms: int = 132) -> dict:
+    """A candidate launch configuration, not yet measured (session 5; the engine uses it only with
+    ``PAGEDSERVE_GEMV_CONFIG=inflight``): keep ~44-48 KB of weights in flight per SM. A program holds one
+    [block_n, block_k] tile in flight and the N / block_n programs share the SMs, so that is
+    N * block_k * 2 / SMs bytes per SM: block_k grows as N shrinks. Rank 0's profile at TP=2
+    (bench/results/profile_tp2_s5_timeline_h200x2.log) has qkv (N 3072: ~23 KB per SM with [4 x 512] tiles)
+    at 11.3 us against a 5.9 us floor and gate/up (N 14336: ~55 KB per SM) at 28.9 against 27.7. ptxas gives
+    [4 x 1024] tiles 64 registers per thread (8 programs per SM) and [4 x 512] 40."""
+    block_k = 256
+    while block_k < 2048 and n * block_k * 2 / sms < per_sm_bytes:
+        block_k *= 2
+    return dict(block_n=4, block_k=block_k, num_warps=4 if block_k <= 1024 else 8, num_stages=3)
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = 4, block_k: int = 512, num_warps: int = 4,
          num_stages: int = 3, pre_k: int | None = None) -> torch.Tensor:
     """``x @ w.T`` for one row ``x`` [1, K] and ``w`` [N, K] contiguous in K; returns [1, N]. ``pre_k`` (a
@@ -71,4 +85,4 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = 4, block_k: int = 512,
     return y
 
 
-__all__ = ["gemv"]
+__all__ = ["gemv", "inflight_config"]

@@ -397,6 +397,18 @@ def test_gemv_wide_first_tile(dtype, block_k, pre_k):
     with pytest.raises(ValueError, match="multiple of block_k"):
         gemv.gemv(x, w, block_k=256, pre_k=768)
 
+
+@pytest.mark.parametrize(("n", "sms"), [(37, 132), (300, 2)])
+def test_gemv_inflight_config(n, sms):
+    """The candidate in-flight configuration: wider tiles for fewer output rows, and a correct product."""
+    cfg = gemv.inflight_config(n, 700, sms=sms)
+    assert cfg["block_k"] & (cfg["block_k"] - 1) == 0 and 256 <= cfg["block_k"] <= 2048
+    assert gemv.inflight_config(3072, 4096)["block_k"] > gemv.inflight_config(14336, 4096)["block_k"]
+    gen = generator("gemv_inflight", n, sms)
+    x = randn(1, 700, dtype=torch.bfloat16, gen=gen)
+    w = randn(n, 700, dtype=torch.bfloat16, gen=gen)
+    check_close(gemv.gemv(x, w, **cfg), x.float() @ w.float().T, torch.bfloat16, "gemv inflight")
+
 # -------------------------------------------------------------------------------------- rotary, silu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
 @pytest.mark.parametrize("head_dim", [64, 128])
