@@ -39,12 +39,15 @@ def main() -> None:
     ap.add_argument("--block-k", default="256,512")
     ap.add_argument("--warps", default="4")
     ap.add_argument("--stages", default="3,5")
+    ap.add_argument("--pre-k", default="0", help="columns loaded before the PDL wait (0: one tile)")
     args = ap.parse_args()
     ceil = measure_ceilings()
     result = {"env": environment(), "ceilings": ceil, "rows": []}
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
-    configs = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns) for bn, bk, nw, ns in
-               itertools.product(ints(args.block_n), ints(args.block_k), ints(args.warps), ints(args.stages))]
+    configs = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, **({"pre_k": pk} if pk else {}))
+               for bn, bk, nw, ns, pk in itertools.product(ints(args.block_n), ints(args.block_k), ints(args.warps),
+                                                           ints(args.stages), ints(args.pre_k))
+               if not pk or (pk > bk and pk % bk == 0)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name in args.shapes.split(","):
         k, n = SHAPES[name]
@@ -75,9 +78,6 @@ def main() -> None:
                   f"({row['cublas_GBps']:5.0f} GB/s)" + (f" | gemv {row['gemv_us']:6.1f} us ({row['gemv_GBps']:5.0f} "
                   f"GB/s) {row['gemv_config']}" if "gemv_us" in row else ""), flush=True)
             result["rows"].append(row)
-            print(f"{name:12s} M={m}: floor {row['floor_us']:6.1f} us | cuBLAS {row['cublas_us']:6.1f} us "
-                  f"({row['cublas_GBps']:5.0f} GB/s) | gemv {row['gemv_us']:6.1f} us ({row['gemv_GBps']:5.0f} GB/s) "
-                  f"{best[1]}", flush=True)
         del ws
         torch.cuda.empty_cache()
     if args.out:

@@ -34,16 +34,22 @@ import torch  # noqa: E402
 from bench_offline import batch1_latency, roofline, run_ours, workload  # noqa: E402
 from gpu_common import LLAMA_8B, environment, llama_param_bytes, measure_ceilings, write_random_llama  # noqa: E402
 
+# PAGEDSERVE_* knobs a KEY=VALUE variant flag may set (a typo would otherwise measure the baseline under a
+# variant's name).
+ENV_KNOBS = {"GEMV_CONFIG", "PDL", "KERNELS", "TP_ALLREDUCE"}
+
 
 def parse_variant(text: str) -> tuple[int, set[str]]:
     """"2" -> (2, {}); "2:nccl:sync" -> (2, {"nccl", "sync"}): NCCL for every all-reduce, no async scheduling;
-    "nopdl": no programmatic dependent launch (kernels/pdl.py); "GEMV_SILU=0": the environment variable
-    PAGEDSERVE_GEMV_SILU=0 for this variant's processes (an experiment knob read at import)."""
+    "nopdl": no programmatic dependent launch (kernels/pdl.py); "GEMV_CONFIG=inflight": the environment
+    variable PAGEDSERVE_GEMV_CONFIG=inflight for this variant's processes (a knob read at import)."""
     size, *flags = text.split(":")
     known = {"nccl", "sync", "nopdl"}
-    if {f for f in flags if "=" not in f} - known:
-        raise SystemExit(f"--tp-sizes: unknown flag(s) {sorted(set(flags) - known)} in {text!r} "
-                         f"(known: {sorted(known)})")
+    unknown = sorted(f for f in flags if "=" not in f and f not in known)
+    unknown += sorted(f for f in flags if "=" in f and f.partition("=")[0] not in ENV_KNOBS)
+    if unknown:
+        raise SystemExit(f"--tp-sizes: unknown flag(s) {unknown} in {text!r} (known: {sorted(known)}, or "
+                         f"KEY=VALUE with KEY one of {sorted(ENV_KNOBS)})")
     return int(size), set(flags)
 
 

@@ -39,11 +39,15 @@ def analyze_trace(path: str, steps: int) -> dict:
     kernel is the one doing the work."""
     with open(path) as f:
         events = json.load(f)["traceEvents"]
-    kernels = sorted(
-        ((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), _short(e.get("name", "")))
-         for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("dur")),
-        key=lambda t: t[0],
-    )
+    ops = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("dur")),
+                 key=lambda e: float(e["ts"]))
+    kernels = []
+    for i, e in enumerate(ops):
+        name = _short(e.get("name", ""))
+        if name == "gemv":  # which projection: its grid and the kernel before it (o after merge, down after silu)
+            grid = (e.get("args") or {}).get("grid", ["?"])[0]
+            name = f"gemv[{grid}] after {_short(ops[i - 1].get('name', '')) if i else 'start'}"
+        kernels.append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), name))
     if not kernels:
         return {}
     window = kernels[-1][1] - kernels[0][0]

@@ -13,7 +13,7 @@ per-thread ``prefetch.global.L2::evict_last`` (session 4: TP=1 5.10 vs 4.52 ms) 
 and computing silu_and_mul while loading the down projection's input instead of in its own kernel (TP=2
 3.29 vs 3.09 ms). A wider first tile (``pre_k`` 2048) helped TP=2 a little in one run (2.94 vs 3.03 ms) and
 cost TP=1 a lot (4.70 vs 4.33 ms: 91-168 registers per thread instead of 40, so fewer programs in flight);
-it stays a parameter for benchmarks (bench/bench_gemv.py sweeps it), off in the engine.
+it stays a parameter for benchmarks (``bench/bench_gemv.py --pre-k``), off in the engine.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def inflight_config(n: int, k: int, per_sm_bytes: int = 44 << 10, sms: int = 132
     at 11.3 us against a 5.9 us floor and gate/up (N 14336: ~55 KB per SM) at 28.9 against 27.7. ptxas gives
     [4 x 1024] tiles 64 registers per thread (8 programs per SM) and [4 x 512] 40."""
     block_k = 256
-    while block_k < 2048 and n * block_k * 2 / sms < per_sm_bytes:
+    row = max(256, 1 << (k - 1).bit_length())  # no wider than K rounded up to a power of two
+    while block_k < min(2048, row) and n * block_k * 2 / sms < per_sm_bytes:
         block_k *= 2
     return dict(block_n=4, block_k=block_k, num_warps=4 if block_k <= 1024 else 8, num_stages=3)
 
@@ -67,14 +68,14 @@ def inflight_config(n: int, k: int, per_sm_bytes: int = 44 << 10, sms: int = 132
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = 4, block_k: int = 512, num_warps: int = 4,
          num_stages: int = 3, pre_k: int | None = None) -> torch.Tensor:
     """``x @ w.T`` for one row ``x`` [1, K] and ``w`` [N, K] contiguous in K; returns [1, N]. ``pre_k`` (a
-    power of two and a multiple of ``block_k``; default ``block_k``): how many columns of its rows a program
+    power of two, a multiple of ``block_k``, at least ``block_k``; default ``block_k``): how many columns of its rows a program
     loads before the PDL wait."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"expected x [1, K] and w [N, K] contiguous in K; got {tuple(x.shape)}, {tuple(w.shape)}")
     if x.shape[0] != 1:
         raise ValueError(f"gemv takes one row (cuBLAS is faster from two rows on), got {x.shape[0]} rows")
     pre_k = block_k if pre_k is None else pre_k
-    if pre_k % block_k or pre_k & (pre_k - 1):
+    if pre_k < block_k or pre_k % block_k or pre_k & (pre_k - 1):
         raise ValueError(f"pre_k ({pre_k}) must be a power of two and a multiple of block_k ({block_k})")
     n, k = w.shape
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)

@@ -19,7 +19,13 @@ from pagedserve.runtime.layers import AttentionMetadata
 from pagedserve.runtime.models import get_model_class
 from pagedserve.runtime.parallel import SINGLE, TPGroup
 from pagedserve.runtime.rejection_sampler import VerifiedTokens, verify_drafts
-from pagedserve.runtime.sampler import Sampler, SamplingRow, compute_logprobs, suppressed_token_ids
+from pagedserve.runtime.sampler import (
+    Sampler,
+    SamplingRow,
+    compute_logprobs,
+    staging_scope,
+    suppressed_token_ids,
+)
 from pagedserve.runtime.sampling_params import SamplingParams
 from pagedserve.runtime.scheduler import SchedulerOutput
 from pagedserve.runtime.staging import HostStaging
@@ -283,6 +289,10 @@ class ModelRunner:
     def execute(self, so: SchedulerOutput, deferred: bool = False) -> ModelRunnerOutput | DeferredOutput:
         """Run one step. ``deferred`` (async scheduling; no drafts, no host-synchronising requests): return
         before the device finishes, with the sampled ids in a ``DeferredOutput``."""
+        with staging_scope(self.staging):  # the sampler's small copies share the step's pinned region
+            return self._execute(so, deferred)
+
+    def _execute(self, so: SchedulerOutput, deferred: bool) -> ModelRunnerOutput | DeferredOutput:
         for rid in so.finished_req_ids:
             self._remove_request(rid)
         for rid in so.preempted_req_ids:  # their blocks are gone; they return as new requests
@@ -415,7 +425,7 @@ class ModelRunner:
         q = graphs.query_len_for(num_sched, starts) if graphs is not None else None
         if q == 1:
             width = int(-(-seq_lens.max() // bs))
-            hidden = graphs.run(ids_t, positions, slots, np.ascontiguousarray(block_tables[:, :width]), seq_lens)
+            hidden = graphs.run(ids_t, positions, slots, block_tables[:, :width], seq_lens)
             return hidden, cu[:-1], cu[1:]
         if q is not None:
             n = len(num_sched)
@@ -431,7 +441,7 @@ class ModelRunner:
                 ids_p[self.staging.to_device(np.flatnonzero(real), torch.long)] = ids_t
             seq_p = starts + q
             width = int(-(-seq_p.max() // bs))
-            hidden = graphs.run(ids_p, positions_p, slots_p.ravel(), np.ascontiguousarray(block_tables[:, :width]),
+            hidden = graphs.run(ids_p, positions_p, slots_p.ravel(), block_tables[:, :width],
                                 seq_p, q)
             return hidden, tok_start, tok_start + num_sched
         meta = self._device_meta(slots, block_tables, seq_lens, cu, num_sched)

@@ -8,17 +8,36 @@ depend on what else is in the batch.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
 
 from pagedserve.runtime.sampling_params import SamplingParams
 
+# The model runner's pinned staging (runtime/staging.py) while it runs a step: the sampler's small per-step
+# copies (temperatures, top-k/top-p, min-p, logit bias) then come from pinned memory too, as the step's inputs do.
+_staging: contextvars.ContextVar = contextvars.ContextVar("pagedserve_staging", default=None)
+
+
+@contextlib.contextmanager
+def staging_scope(staging):
+    """Inside the block, :func:`to_device` copies through ``staging`` (a ``HostStaging``) for its device."""
+    token = _staging.set(staging)
+    try:
+        yield
+    finally:
+        _staging.reset(token)
+
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor without a device synchronisation (``torch.tensor(..., device=)``
-    synchronises). From pageable memory the non-blocking copy may still hold the host until the stream reaches
-    it; a step's inputs go through the runner's pinned ``HostStaging`` instead (runtime/staging.py)."""
+    synchronises). Inside a :func:`staging_scope` for ``device`` the copy comes from pinned memory; otherwise
+    from pageable memory, which CUDA may make wait for the stream."""
+    staging = _staging.get()
+    if staging is not None and staging.enabled and staging.device == device:
+        return staging.to_device(values, dtype)
     t = torch.tensor(values, dtype=dtype)
     return t.to(device, non_blocking=True) if device.type != "cpu" else t
 

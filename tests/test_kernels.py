@@ -394,8 +394,9 @@ def test_gemv_wide_first_tile(dtype, block_k, pre_k):
     x = randn(1, k, dtype=dtype, gen=gen)
     w = randn(n, k, dtype=dtype, gen=gen)
     check_close(gemv.gemv(x, w, block_k=block_k, pre_k=pre_k), x.float() @ w.float().T, dtype, "gemv pre_k")
-    with pytest.raises(ValueError, match="multiple of block_k"):
-        gemv.gemv(x, w, block_k=256, pre_k=768)
+    for bad in (768, 0, 128):
+        with pytest.raises(ValueError, match="multiple of block_k"):
+            gemv.gemv(x, w, block_k=256, pre_k=bad)
 
 
 @pytest.mark.parametrize(("n", "sms"), [(37, 132), (300, 2)])
@@ -404,6 +405,7 @@ def test_gemv_inflight_config(n, sms):
     cfg = gemv.inflight_config(n, 700, sms=sms)
     assert cfg["block_k"] & (cfg["block_k"] - 1) == 0 and 256 <= cfg["block_k"] <= 2048
     assert gemv.inflight_config(3072, 4096)["block_k"] > gemv.inflight_config(14336, 4096)["block_k"]
+    assert gemv.inflight_config(8, 300)["block_k"] == 512  # never wider than K's power of two
     gen = generator("gemv_inflight", n, sms)
     x = randn(1, 700, dtype=torch.bfloat16, gen=gen)
     w = randn(n, 700, dtype=torch.bfloat16, gen=gen)
