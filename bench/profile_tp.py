@@ -31,16 +31,25 @@ def _short(name: str) -> str:
     return name[:40]
 
 
+def _load_events(path: str) -> list[dict]:
+    with open(path) as f:
+        return json.load(f)["traceEvents"]
+
+
+def _gpu_ops(events: list[dict]) -> list[dict]:
+    """The GPU's kernels, copies and memsets of a chrome trace, by start time."""
+    return sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("dur")),
+                  key=lambda e: float(e["ts"]))
+
+
 def analyze_trace(path: str, steps: int) -> dict:
     """Rank 0's GPU timeline from a torch.profiler chrome trace, per step: how long the GPU ran something,
     the idle gaps (and which kernels they sit between), and each kernel kind's *exclusive* time: every instant
     goes to the earliest-started kernel still running. With programmatic dependent launch a kernel starts
     while its predecessor runs and waits inside, so its own duration overstates it; the earliest running
     kernel is the one doing the work."""
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    ops = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("dur")),
-                 key=lambda e: float(e["ts"]))
+    events = _load_events(path)
+    ops = _gpu_ops(events)
     kernels = []
     for i, e in enumerate(ops):
         name = _short(e.get("name", ""))
@@ -89,10 +98,8 @@ def analyze_trace(path: str, steps: int) -> dict:
 def print_boundaries(path: str, count: int = 2, context_us: float = 60.0) -> None:
     """Rank 0's host and GPU around the first ``count`` GPU idle gaps longer than 20 us: every CUDA runtime call
     (host) and GPU operation by start time, in us from the gap, to see what the GPU was waiting for."""
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    gpu = sorted(((float(e["ts"]), float(e.get("dur", 0)), e.get("name", "")) for e in events
-                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda t: t[0])
+    events = _load_events(path)
+    gpu = [(float(e["ts"]), float(e["dur"]), e.get("name", "")) for e in _gpu_ops(events)]
     host = [(float(e["ts"]), float(e.get("dur", 0)), e.get("name", "")) for e in events
             if e.get("cat") in ("cuda_runtime", "cuda_driver") or (e.get("cat") == "cpu_op" and
                                                                   float(e.get("dur", 0)) > 15)]

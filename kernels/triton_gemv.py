@@ -68,8 +68,8 @@ def inflight_config(n: int, k: int, per_sm_bytes: int = 44 << 10, sms: int = 132
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = 4, block_k: int = 512, num_warps: int = 4,
          num_stages: int = 3, pre_k: int | None = None) -> torch.Tensor:
     """``x @ w.T`` for one row ``x`` [1, K] and ``w`` [N, K] contiguous in K; returns [1, N]. ``pre_k`` (a
-    power of two, a multiple of ``block_k``, at least ``block_k``; default ``block_k``): how many columns of its rows a program
-    loads before the PDL wait."""
+    power of two, a multiple of ``block_k``, at least ``block_k``; default ``block_k``): how many columns of
+    its rows a program loads before the PDL wait."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"expected x [1, K] and w [N, K] contiguous in K; got {tuple(x.shape)}, {tuple(w.shape)}")
     if x.shape[0] != 1:

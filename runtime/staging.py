@@ -49,13 +49,12 @@ class HostStaging:
         """Start a step: the previous step's copies are all queued, so an event recorded now follows them."""
         if not self.enabled:
             return
-        stream = torch.cuda.current_stream(self.device)
         if self._region >= 0:
             event = torch.cuda.Event()
-            event.record(stream)
+            event.record(torch.cuda.current_stream(self.device))
             self._events[self._region] = event
         if self._arena is None or self._needed > self.region_bytes:
-            self._grow(stream)
+            self._grow()
         self._region = (self._region + 1) % self.depth
         waiting = self._events[self._region]
         if waiting is not None:
@@ -64,7 +63,7 @@ class HostStaging:
         self._offset = 0
         self._needed = 0
 
-    def _grow(self, stream) -> None:
+    def _grow(self) -> None:
         if self._arena is not None:
             size = -(-2 * self._needed // (1 << 20)) << 20
             logger.info("step inputs needed %d bytes of pinned staging; regions grow from %d to %d bytes",
