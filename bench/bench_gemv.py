@@ -29,7 +29,8 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from gpu_common import environment, graph_us_per_call, measure_ceilings
 
-    from pagedserve.kernels.triton_gemv import gemv, inflight_config
+    from pagedserve.kernels import _gemv_launch
+    from pagedserve.kernels.triton_gemv import gemv
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--warps", default="4")
     ap.add_argument("--stages", default="3,5")
     ap.add_argument("--pre-k", default="0", help="columns loaded before the PDL wait (0: one tile)")
+    ap.add_argument("--table-out", default=None,
+                    help="write the fastest launch per shape (or \"cublas\") as a PAGEDSERVE_GEMV_TABLE file")
     args = ap.parse_args()
     ceil = measure_ceilings()
     result = {"env": environment(), "ceilings": ceil, "rows": []}
@@ -48,6 +51,7 @@ def main() -> None:
                for bn, bk, nw, ns, pk in itertools.product(ints(args.block_n), ints(args.block_k), ints(args.warps),
                                                            ints(args.stages), ints(args.pre_k))
                if not pk or (pk > bk and pk % bk == 0)]
+    table = {}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name in args.shapes.split(","):
         k, n = SHAPES[name]
@@ -63,7 +67,8 @@ def main() -> None:
             if m == 1:  # the GEMV takes one row (cuBLAS is flat in M up to 8; the GEMV was not)
                 best = None
                 row["configs"] = []
-                for cfg in [*configs, {**inflight_config(n, k), "rule": "inflight"}]:
+                engine = _gemv_launch(n, k)  # what the engine launches for this shape (kernels.GEMV_TUNED)
+                for cfg in [*configs, *([{**engine, "rule": "engine"}] if engine else [])]:
                     kw = {key: v for key, v in cfg.items() if key != "rule"}
                     err = (gemv(x, ws[0], **kw).float() - ref.float()).abs().max().item()
                     if err > 0.05 * ref.float().abs().max().item():
@@ -73,6 +78,7 @@ def main() -> None:
                     if best is None or us < best[0]:
                         best = (us, cfg)
                 row["gemv_us"], row["gemv_config"] = best
+                table[f"{n},{k}"] = "cublas" if row["cublas_us"] < best[0] or "pre_k" in best[1] else gemv_spec(best[1])
                 row["gemv_GBps"] = wbytes / row["gemv_us"] / 1e3
             print(f"{name:12s} M={m}: floor {row['floor_us']:6.1f} us | cuBLAS {row['cublas_us']:6.1f} us "
                   f"({row['cublas_GBps']:5.0f} GB/s)" + (f" | gemv {row['gemv_us']:6.1f} us ({row['gemv_GBps']:5.0f} "
@@ -80,9 +86,18 @@ def main() -> None:
             result["rows"].append(row)
         del ws
         torch.cuda.empty_cache()
+    result["table"] = table
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2, default=str)
+    if args.table_out:
+        with open(args.table_out, "w") as f:
+            json.dump(table, f, indent=1)
+
+
+def gemv_spec(cfg: dict) -> str:
+    """The PAGEDSERVE_GEMV_CONFIG / table spelling of a launch (kernels.parse_gemv_spec reads it back)."""
+    return f"{cfg['block_n']}x{cfg['block_k']}w{cfg['num_warps']}"
 
 
 if __name__ == "__main__":

@@ -36,13 +36,13 @@ from gpu_common import LLAMA_8B, environment, llama_param_bytes, measure_ceiling
 
 # PAGEDSERVE_* knobs a KEY=VALUE variant flag may set (a typo would otherwise measure the baseline under a
 # variant's name).
-ENV_KNOBS = {"GEMV_CONFIG", "PDL", "KERNELS", "TP_ALLREDUCE"}
+ENV_KNOBS = {"GEMV_CONFIG", "GEMV_TABLE", "PDL", "KERNELS", "TP_ALLREDUCE", "TP_LL"}
 
 
 def parse_variant(text: str) -> tuple[int, set[str]]:
     """"2" -> (2, {}); "2:nccl:sync" -> (2, {"nccl", "sync"}): NCCL for every all-reduce, no async scheduling;
-    "nopdl": no programmatic dependent launch (kernels/pdl.py); "GEMV_CONFIG=inflight": the environment
-    variable PAGEDSERVE_GEMV_CONFIG=inflight for this variant's processes (a knob read at import)."""
+    "nopdl": no programmatic dependent launch (kernels/pdl.py); "GEMV_CONFIG=4x512w4": the environment
+    variable PAGEDSERVE_GEMV_CONFIG=4x512w4 for this variant's processes (a knob read at import)."""
     size, *flags = text.split(":")
     known = {"nccl", "sync", "nopdl"}
     unknown = sorted(f for f in flags if "=" not in f and f not in known)

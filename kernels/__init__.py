@@ -8,6 +8,7 @@ See ``reference.py`` for the tensor layouts every implementation shares.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -92,24 +93,72 @@ def silu_and_mul(x):
     return _impl(x).silu_and_mul(x)
 
 
-# One-row matmuls where the Triton GEMV beat cuBLAS on an H200 (bench/results/gemv_h200.json, Llama-8B's
-# projections at TP 1 and 2: 3-13% faster up to K = 7168; cuBLAS stays ahead at K = 14336 and for 2+ rows).
-GEMV_MAX_K = 8192
-# "inflight": launch the GEMV with triton_gemv.inflight_config, a candidate not yet measured (an experiment
-# knob, read once at import; worker ranks inherit it). Anything else: the configurations below.
+# One-row matmuls on the Triton GEMV. Launches per (N, K) from bench/bench_gemv.py's sweep on an H200 (session 6,
+# results/gemv_s6_prefetch.json: Llama-3.1-8B's projections and their TP=2 halves, all faster than cuBLAS, up to
+# K = 14336); other shapes get the rule in _gemv_launch, never more than 13% behind the sweep's best there.
+GEMV_MAX_K = 16384
+GEMV_TUNED = {  # (N, K): "BLOCK_NxBLOCK_KwWARPS"
+    (6144, 4096): "4x2048w8", (4096, 4096): "2x1024w4", (28672, 4096): "2x2048w8", (4096, 14336): "2x2048w8",
+    (3072, 4096): "2x2048w4", (4096, 2048): "2x1024w4", (14336, 4096): "2x2048w8", (4096, 7168): "2x1024w4",
+}
+# Experiment knobs, read once at import (worker ranks inherit them): PAGEDSERVE_GEMV_CONFIG, a spec such as
+# "4x512w4" (parse_gemv_spec), launches every GEMV so; PAGEDSERVE_GEMV_TABLE names a JSON file {"N,K": spec or
+# "cublas"} (bench_gemv.py --table-out writes one from a sweep) that overrides both.
 _GEMV_CONFIG = os.environ.get("PAGEDSERVE_GEMV_CONFIG", "")
+_GEMV_TABLE_PATH = os.environ.get("PAGEDSERVE_GEMV_TABLE", "")
+
+
+def parse_gemv_spec(spec: str) -> dict:
+    """"2x1024w4" -> block_n 2, block_k 1024, 4 warps ("wWARPS" optional: 4)."""
+    import re
+
+    m = re.fullmatch(r"(\d+)x(\d+)(?:w(\d+))?", spec)
+    if not m:
+        raise ValueError(f"GEMV spec {spec!r}: expected BLOCK_NxBLOCK_K[wWARPS], e.g. 2x1024w4")
+    return dict(block_n=int(m[1]), block_k=int(m[2]), num_warps=int(m[3] or 4), num_stages=3)
+
+
+def _load_gemv_table(path: str) -> dict:
+    if not path:
+        return {}
+    with open(path) as f:
+        raw = json.load(f)
+    return {tuple(int(v) for v in key.split(",")): (None if spec == "cublas" else parse_gemv_spec(spec))
+            for key, spec in raw.items()}
+
+
+_GEMV_TABLE = _load_gemv_table(_GEMV_TABLE_PATH)
+_GEMV_SPEC = parse_gemv_spec(_GEMV_CONFIG) if _GEMV_CONFIG else None
+_GEMV_TUNED = {shape: parse_gemv_spec(spec) for shape, spec in GEMV_TUNED.items()}
+
+
+def _gemv_launch(n: int, k: int) -> dict | None:
+    """The GEMV's launch configuration for a [1, k] x [n, k]^T product, or None for cuBLAS."""
+    if (n, k) in _GEMV_TABLE:
+        return _GEMV_TABLE[(n, k)]
+    if k > GEMV_MAX_K:
+        return None
+    if _GEMV_SPEC is not None:
+        return _GEMV_SPEC
+    if (n, k) in _GEMV_TUNED:
+        return _GEMV_TUNED[(n, k)]
+    # Untuned shapes: wide outputs (gate/up-like, the LM head) took 2048-column tiles on 8 warps in the sweep.
+    return _GEMV_TUNED[(14336, 4096)] if n >= 14336 else _GEMV_TUNED[(4096, 4096)]
+
+
+def gemv_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> dict | None:
+    """The Triton GEMV's launch for ``F.linear(x, weight, bias)`` when it takes the product, else None."""
+    if (bias is None and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype and x.stride(1) == 1
+            and weight.stride(1) == 1 and use_triton(x)):
+        return _gemv_launch(*weight.shape)
+    return None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, with batch-1 decode's single-row products on the Triton GEMV on CUDA."""
-    if (bias is None and x.dim() == 2 and x.shape[0] == 1 and weight.shape[1] <= GEMV_MAX_K
-            and x.dtype == weight.dtype and x.stride(1) == 1 and weight.stride(1) == 1 and use_triton(x)):
-        from pagedserve.kernels.triton_gemv import gemv, inflight_config
+    cfg = gemv_launch(x, weight, bias)
+    if cfg is not None:
+        from pagedserve.kernels.triton_gemv import gemv
 
-        if _GEMV_CONFIG == "inflight" and weight.shape[0] < 14336:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            return gemv(x, weight, **inflight_config(*weight.shape, sms=sms))
-        if weight.shape[0] >= 14336:  # wide outputs: more rows per program, deeper pipeline (the sweep's best)
-            return gemv(x, weight, block_n=8, block_k=256, num_stages=5)
-        return gemv(x, weight, block_n=4, block_k=512, num_stages=3)
+        return gemv(x, weight, **cfg)
     return torch.nn.functional.linear(x, weight, bias)

@@ -1,14 +1,21 @@
 """Batch-1 decode's matmul: ``y = x @ w.T`` for a single row ``x``, bandwidth-bound on ``w``.
 
 One program owns ``BLOCK_N`` output features and walks the whole K dimension, so there is no split-K
-reduction kernel. Accumulation in fp32, one rounding at the end, like cuBLAS. Measured against cuBLAS on
-the 8B model's projections in bench/bench_gemv.py (results/gemv_h200.json): 3-13% faster for one row up to
-K = 7168; from two rows on cuBLAS wins (an earlier multi-row version of this kernel was 2-8x slower there).
+reduction kernel. Accumulation in fp32, one rounding at the end, like cuBLAS. The launch per shape is chosen in
+``kernels/__init__.py`` (``GEMV_TUNED``) from bench/bench_gemv.py's sweep on an H200 (session 6,
+results/gemv_s6_prefetch.json): two rows per program with 1024- or 2048-column tiles run the 8B model's
+projections at 94-103% of the copy rate (the copy counts read + write; a GEMV only reads), 4-43% faster than
+cuBLAS at every shape up to K = 14336; four rows and 512 columns, the earlier default, left the
+small-N projections 30-60% over their floor. From two rows on cuBLAS wins (an earlier multi-row version of this
+kernel was 2-8x slower there).
 
 With programmatic dependent launch (``pdl.py``) a program loads the first ``PRE_K`` columns of its rows before
-it waits for the kernel that produces ``x`` (default: one ``BLOCK_K`` tile). Measured on two H200s and not
-done (bench/README.md, "Tensor parallelism"): asking L2 for more of the weights before the wait, either with
-per-thread ``prefetch.global.L2::evict_last`` (session 4: TP=1 5.10 vs 4.52 ms) or with one bulk
+it waits for the kernel that produces ``x`` (default: one ``BLOCK_K`` tile). Triton does not software-pipeline
+loads that feed no dot (``num_stages`` changes nothing here: ptxas reports the same code), so a program has one
+tile in flight. Measured and not done: requesting each tile one iteration ahead by hand (session 6: 0.6-1.5 us
+slower per call at every shape); at TP=2, the o and down projections' programs pushing their outputs into the
+peers' LL all-reduce slot themselves, so the fused norm only waits (session 6: batch-1 ITL 2.75 vs 2.59 ms); asking L2 for more of the weights before the wait, either with per-thread
+``prefetch.global.L2::evict_last`` (session 4: TP=1 5.10 vs 4.52 ms) or with one bulk
 ``cp.async.bulk.prefetch.L2`` of each program's rows (session 5: TP=1 5.23 vs 4.40 ms, TP=2 3.61 vs 3.10 ms);
 and computing silu_and_mul while loading the down projection's input instead of in its own kernel (TP=2
 3.29 vs 3.09 ms). A wider first tile (``pre_k`` 2048) helped TP=2 a little in one run (2.94 vs 3.03 ms) and
@@ -50,21 +57,6 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BL
     tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def inflight_config(n: int, k: int, per_sm_bytes: int = 44 << 10, sms: int = 132) -> dict:
-    """A candidate launch configuration, not yet measured (session 5; the engine uses it only with
-    ``PAGEDSERVE_GEMV_CONFIG=inflight``): keep ~44-48 KB of weights in flight per SM. A program holds one
-    [block_n, block_k] tile in flight and the N / block_n programs share the SMs, so that is
-    N * block_k * 2 / SMs bytes per SM: block_k grows as N shrinks. Rank 0's profile at TP=2
-    (bench/results/profile_tp2_s5_timeline_h200x2.log) has qkv (N 3072: ~23 KB per SM with [4 x 512] tiles)
-    at 11.3 us against a 5.9 us floor and gate/up (N 14336: ~55 KB per SM) at 28.9 against 27.7. ptxas gives
-    [4 x 1024] tiles 64 registers per thread (8 programs per SM) and [4 x 512] 40."""
-    block_k = 256
-    row = max(256, 1 << (k - 1).bit_length())  # no wider than K rounded up to a power of two
-    while block_k < min(2048, row) and n * block_k * 2 / sms < per_sm_bytes:
-        block_k *= 2
-    return dict(block_n=4, block_k=block_k, num_warps=4 if block_k <= 1024 else 8, num_stages=3)
-
-
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = 4, block_k: int = 512, num_warps: int = 4,
          num_stages: int = 3, pre_k: int | None = None) -> torch.Tensor:
     """``x @ w.T`` for one row ``x`` [1, K] and ``w`` [N, K] contiguous in K; returns [1, N]. ``pre_k`` (a
@@ -86,4 +78,4 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = 4, block_k: int = 512,
     return y
 
 
-__all__ = ["gemv", "inflight_config"]
+__all__ = ["gemv"]

@@ -151,7 +151,15 @@ def _tp_add_rms_norm_kernel(
             # loads vectorised.
             acc += tl.load(mine + row_off + r * region_numel + cols, mask=mask, other=0.0,
                            cache_modifier=".cg").to(tl.float32)
-    reduced = acc.to(elem).to(tl.float32)  # what an all-reduce would have handed over
+    _add_norm_store(acc.to(elem).to(tl.float32), row, cols, mask, residual_ptr, stride_r, weight_ptr, out_ptr,
+                    residual_out_ptr, n_cols, eps)
+
+
+@triton.jit
+def _add_norm_store(reduced, row, cols, mask, residual_ptr, stride_r, weight_ptr, out_ptr, residual_out_ptr,
+                    n_cols, eps):
+    """The tail of the tensor-parallel norms: ``reduced`` (the all-reduced row, rounded to the input's dtype as an
+    all-reduce would hand it over, in fp32) + residual, then RMSNorm, as ``_rms_norm_kernel`` does."""
     res = tl.load(residual_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0)
     summed = (reduced + res.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)
     tl.store(residual_out_ptr + row.to(tl.int64) * n_cols + cols, summed, mask=mask)
@@ -161,6 +169,57 @@ def _tp_add_rms_norm_kernel(
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = w * normed.to(tl.float32)
     tl.store(out_ptr + row.to(tl.int64) * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tp_add_rms_norm_ll_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, ll_ptrs, epoch_ptr,
+    slot_offset, region_words, epoch_offset, n_cols, eps, stride_x, stride_r,
+    RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+):
+    """The same reduction for a few 16-bit rows, with the flag inside the data (NCCL's "LL" idea): every
+    element travels as one 32-bit word, (epoch << 16) | bits, written with plain stores into this rank's
+    region of the slot on every peer. A 32-bit store is never torn, so a word whose upper half is this call's
+    epoch carries this call's element: the reader spins on its own memory until every word of every peer's
+    row has it. No fence and no remote atomic on the sender's path (the flag version pays a system-scope
+    release and a remote exchange after its stores).
+
+    Epochs are 16-bit, per (slot, row), kept by each rank in ``epoch_ptr`` and stepped by one per call; all
+    ranks make the same calls, so they agree. A word's stale epoch is the previous call's (the slot's regions
+    start zeroed, and the first epoch is 1), never equal to the current one, including across the wrap. Slot
+    reuse follows the flag version's argument: a rank writes a slot again only two calls later, after every
+    peer has finished the call that read it."""
+    pdl_begin(PDL)
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    elem = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+    epoch = (tl.load(epoch_ptr + epoch_offset + row) + 1) & 0xFFFF
+    word = (epoch << 16) | (x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+    row_off = slot_offset + row.to(tl.int64) * n_cols
+    for r in tl.static_range(WORLD):
+        if r != RANK:
+            peer = tl.load(ll_ptrs + r).to(tl.pointer_type(tl.int32))
+            # 16-byte aligned (the host checks offsets, sizes and the buffer): vector stores over the link.
+            dst = tl.max_contiguous(tl.multiple_of(peer + row_off + RANK * region_words + cols, 16), 16)
+            tl.store(dst, word, mask=mask)
+    mine = tl.load(ll_ptrs + RANK).to(tl.pointer_type(tl.int32))
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in tl.static_range(WORLD):
+        if r == RANK:
+            acc += x.to(tl.float32)
+        else:
+            src = tl.max_contiguous(tl.multiple_of(mine + row_off + r * region_words + cols, 16), 16)
+            got = tl.load(src, mask=mask, other=0, volatile=True)
+            pending = tl.sum(((((got >> 16) & 0xFFFF) != epoch) & mask).to(tl.int32), 0)
+            while pending > 0:
+                got = tl.load(src, mask=mask, other=0, volatile=True)
+                pending = tl.sum(((((got >> 16) & 0xFFFF) != epoch) & mask).to(tl.int32), 0)
+            acc += (got & 0xFFFF).to(tl.int16).to(elem, bitcast=True).to(tl.float32)
+    tl.store(epoch_ptr + epoch_offset + row, epoch)
+    _add_norm_store(acc.to(elem).to(tl.float32), row, cols, mask, residual_ptr, stride_r, weight_ptr, out_ptr,
+                    residual_out_ptr, n_cols, eps)
 
 
 def tp_add_rms_norm(
@@ -177,6 +236,44 @@ def tp_add_rms_norm(
     and the pad's flags from ``flag_offset`` (``rows * world`` of them). Every rank must make the same call.
     Two calls in a row must use different slots (buffer regions and flags): a rank reuses a slot only after
     its peers have started the call that follows the one that read it (see ``parallel.PeerAllReduce``)."""
+    out, residual_out, residual, rows, block, num_warps = _tp_prepare(x, residual, weight, region_numel)
+    if rows:
+        _tp_add_rms_norm_kernel[(rows,)](
+            x, residual, weight, out, residual_out, buffer_ptrs, signal_ptrs,
+            slot_offset, region_numel, flag_offset, x.shape[1], float(eps), x.stride(0), residual.stride(0),
+            RANK=rank, WORLD=world, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False, **launch_kwargs(x),
+        )
+    return out, residual_out
+
+
+
+def tp_add_rms_norm_ll(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+    ll_ptrs: torch.Tensor, epochs: torch.Tensor, slot_offset: int, region_words: int, epoch_offset: int,
+    rank: int, world: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tp_add_rms_norm`` for 16-bit rows with the flag inside each word (``_tp_add_rms_norm_ll_kernel``).
+
+    ``ll_ptrs``: int64 device tensor with every rank's address of one symmetric int32 buffer, zeroed before its
+    first use; the call uses its words from ``slot_offset``: ``world`` regions of ``region_words`` (at least
+    ``rows * hidden``), one per source rank. ``epochs``: this rank's int32 counters (zeroed at first), one per
+    (slot, row) from ``epoch_offset``. Every rank makes the same calls; two calls in a row use different slots."""
+    if x.element_size() != 2:
+        raise ValueError(f"the LL all-reduce carries 16-bit elements, got {x.dtype}")
+    if x.shape[-1] % 4 or region_words % 4 or slot_offset % 4 or ll_ptrs.numel() != world:
+        raise ValueError(f"the LL all-reduce needs hidden ({x.shape[-1]}), region ({region_words}) and slot offset "
+                         f"({slot_offset}) divisible by 4 words and one buffer address per rank")
+    out, residual_out, residual, rows, block, num_warps = _tp_prepare(x, residual, weight, region_words)
+    if rows:
+        _tp_add_rms_norm_ll_kernel[(rows,)](
+            x, residual, weight, out, residual_out, ll_ptrs, epochs,
+            slot_offset, region_words, epoch_offset, x.shape[1], float(eps), x.stride(0), residual.stride(0),
+            RANK=rank, WORLD=world, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False, **launch_kwargs(x),
+        )
+    return out, residual_out
+
+
+def _tp_prepare(x, residual, weight, region_numel):
     if x.dim() != 2 or not x.is_contiguous() or residual.shape != x.shape or weight.shape != (x.shape[1],):
         raise ValueError(f"expected contiguous x [rows, hidden] with residual alike and weight [hidden]; got "
                          f"{tuple(x.shape)}, {tuple(residual.shape)}, {tuple(weight.shape)}")
@@ -186,17 +283,10 @@ def tp_add_rms_norm(
     norm_dtype = torch.promote_types(x.dtype, residual.dtype)
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, norm_dtype), device=x.device)
     residual_out = torch.empty(x.shape, dtype=norm_dtype, device=x.device)
-    if rows == 0:
-        return out, residual_out
     residual = residual if residual.stride(-1) == 1 else residual.contiguous()
     block = triton.next_power_of_2(n_cols)
     num_warps = 4 if block <= 1024 else (8 if block <= 8192 else 16)
-    _tp_add_rms_norm_kernel[(rows,)](
-        x, residual, weight, out, residual_out, buffer_ptrs, signal_ptrs,
-        slot_offset, region_numel, flag_offset, n_cols, float(eps), x.stride(0), residual.stride(0),
-        RANK=rank, WORLD=world, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False, **launch_kwargs(x),
-    )
-    return out, residual_out
+    return out, residual_out, residual, rows, block, num_warps
 
 
-__all__ = ["rms_norm", "fused_add_rms_norm", "tp_add_rms_norm"]
+__all__ = ["rms_norm", "fused_add_rms_norm", "tp_add_rms_norm", "tp_add_rms_norm_ll"]

@@ -175,7 +175,7 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Full-vocabulary logits on rank 0; None on the other ranks (only rank 0 samples)."""
-        logits = F.linear(hidden, self.weight)
+        logits = kernels.linear(hidden, self.weight)  # batch 1: the GEMV
         if self.tp.size > 1:
             logits = self.tp.gather_last_dim(logits)
             if logits is None:

@@ -28,6 +28,12 @@ PEER_ALLREDUCE_MAX_BYTES = 4 << 20
 # 11.5 for 32, 10.7 vs 17.5 for 128, 15.0 vs 24.6 for 256. (With the first, pulling version of the kernel the
 # fused path lost from 32 rows on, and this was 16.)
 FUSED_NORM_MAX_ROWS = 256
+# Up to this many rows (and LL_MAX_COLS columns) of a 16-bit model the fused norm carries its flag inside each
+# 32-bit word instead of signalling after its stores (kernels.triton_norm.tp_add_rms_norm_ll): no system-scope
+# fence or remote atomic on the way. PAGEDSERVE_TP_LL=0 turns it off (read at import).
+LL_MAX_ROWS = 8
+LL_MAX_COLS = 16384
+LL_ENV = "PAGEDSERVE_TP_LL"
 
 
 class PeerAllReduce:
@@ -72,8 +78,19 @@ class PeerAllReduce:
         # torch 2.11 pads are 9 KiB; a torch that does not say gets the smallest size seen (2 KiB, older torch).
         pad_bytes = int(getattr(norm, "signal_pad_size", 0) or 2048)
         self.norm_max_rows = pad_bytes // (4 * self.world * 2)
-        # Zeroed pads on this rank before make_peer_all_reduce's agreement (a collective every rank joins,
-        # so no rank can signal into a peer's pads before they exist).
+        # The LL variant's own buffer (never shared with the flag version, whose data could look like a flag):
+        # two slots of one region per source rank, LL_MAX_ROWS x LL_MAX_COLS 32-bit words each, zeroed; and
+        # this rank's epoch per (slot, row).
+        self.ll = os.environ.get(LL_ENV, "1").strip() != "0" and torch.tensor([], dtype=dtype).element_size() == 2
+        if self.ll:
+            self.ll_region = LL_MAX_ROWS * LL_MAX_COLS
+            self.ll_buffer = symm_mem.empty(2 * self.world * self.ll_region, dtype=torch.int32, device=device)
+            self.ll_buffer.zero_()
+            self.ll_handle = symm_mem.rendezvous(self.ll_buffer, self.group_name)
+            self.ll_ptrs = torch.tensor(list(self.ll_handle.buffer_ptrs), dtype=torch.int64, device=device)
+            self.ll_epochs = torch.zeros(2 * LL_MAX_ROWS, dtype=torch.int32, device=device)
+        # Zeroed pads and LL buffer on this rank before make_peer_all_reduce's agreement (a collective every rank
+        # joins, so no rank can signal or push into a peer's memory before it is ready).
         torch.cuda.synchronize(device)
 
     def fits(self, x: torch.Tensor) -> bool:
@@ -86,9 +103,16 @@ class PeerAllReduce:
         return (x.dim() == 2 and x.dtype == self.dtype and x.is_cuda and x.is_contiguous()
                 and 0 < x.shape[0] <= min(self.norm_max_rows, FUSED_NORM_MAX_ROWS) and x.numel() <= self.region_numel)
 
-    def add_rms_norm(self, x, residual, weight, eps: float, slot: int):
-        from pagedserve.kernels.triton_norm import tp_add_rms_norm
+    def _takes_ll(self, rows: int, cols: int) -> bool:
+        return self.ll and rows <= LL_MAX_ROWS and cols <= LL_MAX_COLS and cols % 4 == 0
 
+    def add_rms_norm(self, x, residual, weight, eps: float, slot: int):
+        from pagedserve.kernels.triton_norm import tp_add_rms_norm, tp_add_rms_norm_ll
+
+        if self._takes_ll(*x.shape):
+            return tp_add_rms_norm_ll(x, residual, weight, eps, self.ll_ptrs, self.ll_epochs,
+                                      slot * self.world * self.ll_region, self.ll_region, slot * LL_MAX_ROWS,
+                                      self.rank, self.world)
         return tp_add_rms_norm(x, residual, weight, eps, self.norm_buffer_ptrs, self.norm_signal_ptrs,
                                slot * self.slot_numel, self.region_numel, slot * self.norm_max_rows * self.world,
                                self.rank, self.world)

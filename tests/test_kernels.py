@@ -359,6 +359,103 @@ def test_tp_add_rms_norm_as_one_rank_of_a_simulated_group(world, dtype, tol, slo
         assert pads[r].sum().item() == rows, "a flag outside this slot's was touched"
 
 
+# The LL version (flag inside each 32-bit word), as one rank of a simulated group whose peers have already
+# pushed this call's words: the epoch check, the unpacking, the rank-ordered sum and the norm, the words it
+# pushed, and the epoch it keeps; from a fresh start and across the 16-bit wrap.
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("slot", [0, 1])
+@pytest.mark.parametrize("last", [False, True], ids=["rank0", "last_rank"])
+@pytest.mark.parametrize("start_epoch", [0, 0xFFFF], ids=["fresh", "wrap"])
+def test_tp_add_rms_norm_ll_as_one_rank_of_a_simulated_group(world, slot, last, start_epoch):
+    rows, hidden, max_rows = 3, 100, 4  # hidden not a power of two: masked columns
+    me = world - 1 if last else 0
+    gen = generator("tp-add-rms-ll", world, slot, me, start_epoch)
+    dtype = torch.bfloat16
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+    partials = [rand(rows, hidden) for _ in range(world)]
+    residual, weight = rand(rows, hidden), rand(hidden)
+    region = rows * hidden + 4  # regions need not be row-aligned, only 16-byte aligned
+    off = slot * world * region
+    sentinel = 0x7EADBEEF
+    buffers = [torch.full((2 * world * region,), sentinel, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+    epochs = [torch.zeros(2 * max_rows, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+    epochs[me][slot * max_rows:slot * max_rows + rows] = start_epoch
+    epoch = (start_epoch + 1) & 0xFFFF
+
+    def words(t):  # this call's words for a partial: (epoch << 16) | the element's 16 bits
+        bits = t.reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF
+        return (epoch << 16) | bits if epoch < 0x8000 else ((epoch << 16) - (1 << 32)) | bits
+
+    def region_of(buf, src):
+        return buf[off + src * region:off + src * region + rows * hidden]
+
+    peers = [r for r in range(world) if r != me]
+    for r in peers:
+        region_of(buffers[me], r).copy_(words(partials[r]))
+    ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device=DEVICE)
+    own_before = buffers[me].clone()
+    out, new_residual = norm.tp_add_rms_norm_ll(partials[me], residual, weight, 1e-5, ptrs, epochs[me], off, region,
+                                                slot * max_rows, me, world)
+
+    summed = partials[0].float()
+    for p in partials[1:]:
+        summed = summed + p.float()
+    want_out, want_res = reference.fused_add_rms_norm(summed.to(dtype), residual, weight, 1e-5)
+    torch.testing.assert_close(new_residual.float(), want_res.float(), rtol=3.2e-2, atol=3.2e-2)
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=3.2e-2, atol=3.2e-2)
+    assert torch.equal(buffers[me], own_before)  # wrote nothing into its own buffer
+    for r in peers:
+        assert torch.equal(region_of(buffers[r], me), words(partials[me]))
+        assert (buffers[r] != sentinel).sum().item() == rows * hidden, "wrote outside its region of the slot"
+    kept = epochs[me].tolist()
+    assert kept[slot * max_rows:slot * max_rows + rows] == [epoch] * rows
+    assert sum(kept) == epoch * rows, "an epoch outside this call's rows was touched"
+
+
+@pytest.mark.skipif(ON_CUDA, reason="a second thread writes the peer's words while the interpreter spins")
+def test_tp_add_rms_norm_ll_waits_for_this_calls_words():
+    """Words still carrying the previous call's epoch are not taken: the kernel spins until they change."""
+    import threading
+
+    hidden, world, me = 64, 2, 0
+    gen = generator("tp-add-rms-ll-wait")
+    x, other = (torch.randn(1, hidden, generator=gen).to(torch.bfloat16) for _ in range(2))
+    residual, weight = torch.zeros(1, hidden, dtype=torch.bfloat16), torch.ones(hidden, dtype=torch.bfloat16)
+    bits = other.reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF
+    buffers = [torch.zeros(2 * world * hidden, dtype=torch.int32) for _ in range(world)]
+    buffers[me][hidden:2 * hidden] = (5 << 16) | bits  # the peer's row from the previous call (epoch 5)
+    epochs = torch.full((2,), 5, dtype=torch.int32)
+    ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
+    result = {}
+
+    def run():
+        result["out"] = norm.tp_add_rms_norm_ll(x, residual, weight, 1e-5, ptrs, epochs, 0, hidden, 0, me, world)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(1.0)
+    assert worker.is_alive(), "took words of the previous call"
+    buffers[me][hidden:2 * hidden] = (6 << 16) | bits  # this call's words arrive
+    worker.join(60)
+    assert not worker.is_alive()
+    want, _ = reference.fused_add_rms_norm((x.float() + other.float()).to(torch.bfloat16), residual, weight, 1e-5)
+    torch.testing.assert_close(result["out"][0].float(), want.float(), rtol=3.2e-2, atol=3.2e-2)
+
+
+def test_tp_add_rms_norm_ll_checks_input():
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    ptrs, epochs = torch.zeros(2, dtype=torch.int64), torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="16-bit"):
+        norm.tp_add_rms_norm_ll(x.float(), x.float(), torch.ones(8), 1e-5, ptrs, epochs, 0, 64, 0, 0, 2)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        norm.tp_add_rms_norm_ll(x, x, torch.ones(8, dtype=x.dtype), 1e-5, ptrs, epochs, 2, 64, 0, 0, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        norm.tp_add_rms_norm_ll(x, x, torch.ones(8, dtype=x.dtype), 1e-5, ptrs, epochs, 0, 12, 0, 0, 2)
+
+
 def test_tp_add_rms_norm_checks_shapes():
     x = torch.zeros(2, 8)
     ptrs = torch.zeros(2, dtype=torch.int64)
@@ -399,17 +496,23 @@ def test_gemv_wide_first_tile(dtype, block_k, pre_k):
             gemv.gemv(x, w, block_k=256, pre_k=bad)
 
 
-@pytest.mark.parametrize(("n", "sms"), [(37, 132), (300, 2)])
-def test_gemv_inflight_config(n, sms):
-    """The candidate in-flight configuration: wider tiles for fewer output rows, and a correct product."""
-    cfg = gemv.inflight_config(n, 700, sms=sms)
-    assert cfg["block_k"] & (cfg["block_k"] - 1) == 0 and 256 <= cfg["block_k"] <= 2048
-    assert gemv.inflight_config(3072, 4096)["block_k"] > gemv.inflight_config(14336, 4096)["block_k"]
-    assert gemv.inflight_config(8, 300)["block_k"] == 512  # never wider than K's power of two
-    gen = generator("gemv_inflight", n, sms)
-    x = randn(1, 700, dtype=torch.bfloat16, gen=gen)
-    w = randn(n, 700, dtype=torch.bfloat16, gen=gen)
-    check_close(gemv.gemv(x, w, **cfg), x.float() @ w.float().T, torch.bfloat16, "gemv inflight")
+def test_gemv_launch_spec_and_table(tmp_path, monkeypatch):
+    """PAGEDSERVE_GEMV_CONFIG / PAGEDSERVE_GEMV_TABLE spellings: parsed, rejected with the expected form, and a
+    table entry wins over the K limit and the default."""
+    kernels = importlib.import_module("pagedserve.kernels")
+    assert kernels.parse_gemv_spec("2x1024w8") == dict(block_n=2, block_k=1024, num_warps=8, num_stages=3)
+    assert kernels.parse_gemv_spec("1x2048")["num_warps"] == 4
+    with pytest.raises(ValueError, match="BLOCK_NxBLOCK_K"):
+        kernels.parse_gemv_spec("2by1024")
+    path = tmp_path / "table.json"
+    path.write_text('{"4096,20000": "1x512w8", "4096,4096": "cublas"}')
+    monkeypatch.setattr(kernels, "_GEMV_TABLE", kernels._load_gemv_table(str(path)))
+    assert kernels._gemv_launch(4096, 20000)["num_warps"] == 8  # above GEMV_MAX_K, routed by the table
+    assert kernels._gemv_launch(4096, 4096) is None  # cuBLAS by the table
+    assert kernels._gemv_launch(3072, 4096) == kernels.parse_gemv_spec(kernels.GEMV_TUNED[(3072, 4096)])
+    assert kernels._gemv_launch(4096, 40000) is None  # untuned and above the limit: cuBLAS
+    assert kernels._gemv_launch(128256, 4096)["block_k"] == 2048  # an untuned wide output (an LM head)
+
 
 # -------------------------------------------------------------------------------------- rotary, silu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)

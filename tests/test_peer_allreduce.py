@@ -97,22 +97,27 @@ def _fused_norm_cases(rank, peer_tp, nccl_tp, dev, gen):
             x = x * 0.25  # keep magnitudes tame; a different input for every call
         return x, res
 
-    x0 = torch.randn(4, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
-    r0 = torch.randn(4, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
-    want = chain(lambda x, r, s: fused_add_rms_norm(nccl_tp.all_reduce(x.clone()), r, weight, 1e-5), x0, r0)
-    xin, rin = x0.clone(), r0.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        chain(lambda x, r, s: peer_tp.add_rms_norm(x, r, weight, 1e-5, s), xin, rin)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(lambda x, r, s: peer_tp.add_rms_norm(x, r, weight, 1e-5, s), xin, rin)
-    for _ in range(20):
-        graph.replay()
-    torch.cuda.synchronize()
-    cases.append(("graph chain x20", _np(out), _np(want)))
+    # 4 rows: the LL kernel (flag in each word); then the same chain with the flag version.
+    for ll in (True, False):
+        peer_tp.peer.ll, ll_before = ll and peer_tp.peer.ll, peer_tp.peer.ll
+        x0 = torch.randn(4, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+        r0 = torch.randn(4, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+        want = chain(lambda x, r, s: fused_add_rms_norm(nccl_tp.all_reduce(x.clone()), r, weight, 1e-5), x0, r0)
+        xin, rin = x0.clone(), r0.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            chain(lambda x, r, s: peer_tp.add_rms_norm(x, r, weight, 1e-5, s), xin, rin)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(lambda x, r, s: peer_tp.add_rms_norm(x, r, weight, 1e-5, s), xin, rin)
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+        cases.append((f"graph chain x20 ({'LL' if peer_tp.peer.ll else 'flags'})", _np(out), _np(want)))
+        peer_tp.peer.ll = ll_before
+
     return cases
 
 
