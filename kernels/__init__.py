@@ -23,6 +23,7 @@ __all__ = [
     "rotary_embedding",
     "rotary_embedding_and_cache",
     "silu_and_mul",
+    "argmax",
     "linear",
     "use_triton",
 ]
@@ -86,6 +87,21 @@ def rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cac
 def rotary_embedding(positions, q, k, cos_sin_cache):
     """Rotate-half RoPE on ``q [T, Hq, D]`` and ``k [T, Hk, D]`` from a ``[max_pos, D]`` cos|sin cache."""
     return _impl(q).rotary_embedding(positions, q, k, cos_sin_cache)
+
+
+# "triton": greedy sampling's argmax on CUDA in kernels.triton_pointwise.argmax (one read of the logits in their
+# dtype, 32 programs for a 128k vocabulary) instead of torch's fp32 copy and argmax; an experiment knob (not yet
+# measured on a GPU), read once at import.
+_ARGMAX = os.environ.get("PAGEDSERVE_ARGMAX", "")
+
+
+def argmax(logits):
+    """Greedy sampling: ``logits.argmax(dim=-1)`` of [rows, V] logits (their own dtype; exact)."""
+    if _ARGMAX == "triton" and use_triton(logits):
+        from pagedserve.kernels import triton_ops
+
+        return triton_ops.argmax(logits)
+    return reference.argmax(logits)
 
 
 def silu_and_mul(x):

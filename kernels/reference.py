@@ -143,6 +143,11 @@ def rotary_embedding(
     return q_out, k_out
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy sampling: each row's first index of its largest value, int64 (``torch.argmax(dim=-1)``)."""
+    return logits.argmax(dim=-1)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2d]`` (the fused gate/up projection)."""
     d = x.shape[-1] // 2

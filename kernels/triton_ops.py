@@ -11,6 +11,7 @@ from __future__ import annotations
 from pagedserve.kernels.triton_attention import paged_attention
 from pagedserve.kernels.triton_norm import fused_add_rms_norm, rms_norm
 from pagedserve.kernels.triton_pointwise import (
+    argmax,
     rotary_embedding,
     rotary_embedding_and_cache,
     silu_and_mul,
@@ -18,6 +19,7 @@ from pagedserve.kernels.triton_pointwise import (
 )
 
 __all__ = [
+    "argmax",
     "write_kv_cache",
     "paged_attention",
     "rms_norm",

@@ -259,4 +259,57 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["write_kv_cache", "rotary_embedding", "silu_and_mul"]
+# ----------------------------------------------------------------------------------------- greedy argmax
+@triton.jit
+def _argmax_split_kernel(x_ptr, val_ptr, idx_ptr, V, stride_x, SPLITS, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Each (row, split): the largest value of BLOCK columns and its first column."""
+    pdl_begin(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    cols = split * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < V
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)  # NaN counts as the largest (torch picks a NaN too; any is garbage)
+    m = tl.max(x, 0)
+    first = tl.min(tl.where(x == m, cols, 2147483647), 0)
+    tl.store(val_ptr + row * SPLITS + split, m)
+    tl.store(idx_ptr + row * SPLITS + split, first)
+
+
+@triton.jit
+def _argmax_merge_kernel(val_ptr, idx_ptr, out_ptr, SPLITS, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
+    """Each row: the splits' largest value, and the smallest column holding it (ties: the first, as torch)."""
+    pdl_begin(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SPLITS_PAD)
+    mask = s < SPLITS
+    v = tl.load(val_ptr + row * SPLITS + s, mask=mask, other=float("-inf"))
+    i = tl.load(idx_ptr + row * SPLITS + s, mask=mask, other=2147483647)
+    m = tl.max(v, 0)
+    tl.store(out_ptr + row, tl.min(tl.where(v == m, i, 2147483647), 0).to(tl.int64))
+
+
+def argmax(logits: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` for [rows, V] logits of any float dtype, read once in their own dtype (no
+    fp32 copy first): every split of ``block`` columns finds its maximum in one launch, a second one merges
+    the splits; ties go to the first column, as torch's. A whole-vocabulary torch argmax of one row runs on
+    few blocks; here a 128k vocabulary is 32 programs."""
+    if logits.dim() != 2 or logits.shape[1] == 0 or not logits.dtype.is_floating_point:
+        raise ValueError(f"expected float logits [rows, V] with V > 0, got {logits.dtype} {tuple(logits.shape)}")
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows == 0:
+        return out
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    splits = triton.cdiv(vocab, block)
+    vals = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
+    idxs = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
+    _argmax_split_kernel[(rows, splits)](logits, vals, idxs, vocab, logits.stride(0), splits, BLOCK=block,
+                                         num_warps=8 if block >= 2048 else 4, **launch_kwargs(logits))
+    _argmax_merge_kernel[(rows,)](vals, idxs, out, splits, SPLITS_PAD=max(16, triton.next_power_of_2(splits)),
+                                  num_warps=1, **launch_kwargs(logits))
+    return out
+
+
+__all__ = ["write_kv_cache", "rotary_embedding", "silu_and_mul", "argmax"]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedserve import kernels
+
 from pagedserve.runtime.sampling_params import SamplingParams
 
 # The model runner's pinned staging (runtime/staging.py) while it runs a step: the sampler's small per-step
@@ -119,8 +121,10 @@ class Sampler:
 
     def sample_ids(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The sampled token ids, left on the device (no host synchronisation)."""
-        logits = self._apply_logit_processors(logits.float(), rows)
         greedy = [r.params.temperature == 0.0 for r in rows]
+        if all(greedy) and not any(r.process for r in rows):
+            return kernels.argmax(logits)  # in the logits' own dtype: the same ids as of their fp32 copy
+        logits = self._apply_logit_processors(logits.float(), rows)
         if all(greedy):
             return logits.argmax(dim=-1)
         return self._sample(logits, rows, greedy)

@@ -496,6 +496,26 @@ def test_gemv_wide_first_tile(dtype, block_k, pre_k):
             gemv.gemv(x, w, block_k=256, pre_k=bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=param_id)
+def test_argmax_matches_torch(dtype):
+    """Greedy sampling's argmax against torch's on the same logits: a vocabulary that is not a multiple of the
+    split, the maximum repeated within a split and across splits (the first wins), an all -inf row, and a
+    single split."""
+    gen = generator("argmax", dtype)
+    rows, vocab, block = 5, 1000, 128
+    logits = randn(rows, vocab, dtype=dtype, gen=gen)
+    logits[1, [300, 301, 900]] = 50.0  # ties within a split and across splits
+    logits[2, :] = float("-inf")
+    logits[3, vocab - 1] = 60.0  # in the last, partial split
+    logits[4, [5, 700]] = 70.0
+    got = pointwise.argmax(logits, block=block)
+    assert got.dtype == torch.int64
+    assert torch.equal(got.cpu(), logits.float().argmax(dim=-1).cpu())
+    assert torch.equal(pointwise.argmax(logits[:, :100], block=128).cpu(), logits[:, :100].argmax(dim=-1).cpu())
+    with pytest.raises(ValueError, match="float logits"):
+        pointwise.argmax(torch.zeros(3, dtype=dtype))
+
+
 def test_gemv_launch_spec_and_table(tmp_path, monkeypatch):
     """PAGEDSERVE_GEMV_CONFIG / PAGEDSERVE_GEMV_TABLE spellings: parsed, rejected with the expected form, and a
     table entry wins over the K limit and the default."""
