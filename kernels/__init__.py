@@ -23,6 +23,7 @@ __all__ = [
     "rotary_embedding",
     "rotary_embedding_and_cache",
     "silu_and_mul",
+    "gate_up_silu",
     "argmax",
     "linear",
     "use_triton",
@@ -104,9 +105,26 @@ def argmax(logits):
     return reference.argmax(logits)
 
 
-def silu_and_mul(x):
-    """``silu(gate) * up`` of a fused ``[..., 2d]`` gate/up projection."""
-    return _impl(x).silu_and_mul(x)
+def silu_and_mul(x, interleaved: bool = False):
+    """``silu(gate) * up`` of a fused ``[..., 2d]`` gate/up projection (``interleaved``: gate, up alternate)."""
+    return _impl(x).silu_and_mul(x, interleaved)
+
+
+# "1": the fused gate/up projection is loaded with gate and up rows alternating, so that batch-1 decode's GEMV
+# computes silu(gate) * up in its epilogue (gate_up_silu) and the separate SiLU kernel goes away. An experiment
+# knob (not yet measured on a GPU), read once at import; the model reads it when it is built.
+FUSED_SILU = os.environ.get("PAGEDSERVE_FUSED_SILU", "") == "1"
+
+
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` of ``F.linear(x, weight, bias)`` for a gate/up weight whose rows alternate gate, up:
+    one GEMV with the SiLU in its epilogue for one row on CUDA, else the product and ``silu_and_mul``."""
+    cfg = gemv_launch(x, weight, bias)
+    if cfg is not None and cfg["block_n"] % 2 == 0:
+        from pagedserve.kernels.triton_gemv import gemv
+
+        return gemv(x, weight, **cfg, silu=True)
+    return silu_and_mul(linear(x, weight, bias), interleaved=True)
 
 
 # One-row matmuls on the Triton GEMV. Launches per (N, K) from bench/bench_gemv.py's sweep on an H200 (session 6,

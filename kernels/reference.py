@@ -148,7 +148,10 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2d]`` (the fused gate/up projection)."""
+def silu_and_mul(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2d]`` (the fused gate/up projection); ``interleaved``:
+    gate and up alternate, ``silu(x[..., 0::2]) * x[..., 1::2]``."""
+    if interleaved:
+        return torch.nn.functional.silu(x[..., 0::2]) * x[..., 1::2]
     d = x.shape[-1] // 2
     return torch.nn.functional.silu(x[..., :d]) * x[..., d:]

@@ -34,7 +34,7 @@ from pagedserve.kernels.pdl import launch_kwargs, pdl_launch_dependents, pdl_wai
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRE_K: tl.constexpr, PDL: tl.constexpr):
+                 PRE_K: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -54,14 +54,24 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BL
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
         acc += tl.sum(w * x[None, :], axis=1)
-    tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+    dtype = y_ptr.dtype.element_ty
+    if SILU:
+        # w's rows alternate gate, up (a fused gate/up projection loaded interleaved): each pair of outputs
+        # becomes silu(gate) * up, rounded as the separate GEMV and silu_and_mul kernels round them.
+        gate, up = tl.split(tl.reshape(acc.to(dtype).to(tl.float32), [BLOCK_N // 2, 2]))
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        h = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + h, (silu * up).to(dtype), mask=h < N // 2)
+    else:
+        tl.store(y_ptr + n, acc.to(dtype), mask=n_mask)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = 4, block_k: int = 512, num_warps: int = 4,
-         num_stages: int = 3, pre_k: int | None = None) -> torch.Tensor:
+         num_stages: int = 3, pre_k: int | None = None, silu: bool = False) -> torch.Tensor:
     """``x @ w.T`` for one row ``x`` [1, K] and ``w`` [N, K] contiguous in K; returns [1, N]. ``pre_k`` (a
     power of two, a multiple of ``block_k``, at least ``block_k``; default ``block_k``): how many columns of
-    its rows a program loads before the PDL wait."""
+    its rows a program loads before the PDL wait. ``silu``: ``w``'s rows alternate gate, up; returns
+    ``silu_and_mul(x @ w.T, interleaved=True)`` [1, N / 2] without writing the product (``block_n`` even)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"expected x [1, K] and w [N, K] contiguous in K; got {tuple(x.shape)}, {tuple(w.shape)}")
     if x.shape[0] != 1:
@@ -70,10 +80,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = 4, block_k: int = 512,
     if pre_k < block_k or pre_k % block_k or pre_k & (pre_k - 1):
         raise ValueError(f"pre_k ({pre_k}) must be a power of two and a multiple of block_k ({block_k})")
     n, k = w.shape
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    if silu and (n % 2 or block_n % 2):
+        raise ValueError(f"gemv silu pairs rows: N ({n}) and block_n ({block_n}) must be even")
+    y = torch.empty(1, n // 2 if silu else n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k, num_warps=num_warps,
-        num_stages=num_stages, **launch_kwargs(x),
+        x, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k, SILU=silu,
+        num_warps=num_warps, num_stages=num_stages, **launch_kwargs(x),
     )
     return y
 

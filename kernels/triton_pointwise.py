@@ -229,20 +229,26 @@ def rotary_embedding(
 
 # ------------------------------------------------------------------------------------- SiLU and mul
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, BLOCK: tl.constexpr, INTERLEAVED: tl.constexpr,
+                         PDL: tl.constexpr):
     pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
     dtype = out_ptr.dtype.element_ty
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
+    if INTERLEAVED:  # gate, up, gate, up, ...
+        gate = tl.load(x_ptr + row * stride_x + 2 * cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + 2 * cols + 1, mask=mask, other=0.0).to(tl.float32)
+    else:  # gate | up
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)  # rounded, as torch's silu in bf16
     tl.store(out_ptr + row * d + cols, (silu * up).to(dtype), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2d]`` (the fused gate/up projection)."""
+def silu_and_mul(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2d]`` (the fused gate/up projection); ``interleaved``:
+    ``silu(x[..., 0::2]) * x[..., 1::2]``."""
     if x.shape[-1] % 2:
         raise ValueError(f"last dimension must be even (gate|up), got {x.shape[-1]}")
     d = x.shape[-1] // 2
@@ -254,7 +260,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(d))
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
-        rows, out, d, rows.stride(0), BLOCK=block, num_warps=4, enable_fp_fusion=False, **launch_kwargs(x),
+        rows, out, d, rows.stride(0), BLOCK=block, INTERLEAVED=interleaved, num_warps=4, enable_fp_fusion=False,
+        **launch_kwargs(x),
     )
     return out
 

@@ -71,14 +71,23 @@ class ColumnParallelLinear(nn.Module):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input in one matmul (e.g. gate and up)."""
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, tp: TPGroup = SINGLE):
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, tp: TPGroup = SINGLE,
+                 interleave: bool = False):
+        """``interleave``: the projections' output rows alternate (equal sizes only): gate, up, gate, up, ...
+        for ``kernels.gate_up_silu``."""
+        if interleave and len(set(out_sizes)) != 1:
+            raise ValueError(f"interleaved projections must have equal sizes, got {out_sizes}")
         self.out_sizes = out_sizes
+        self.interleave = interleave
         super().__init__(in_features, sum(out_sizes), bias, tp)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         size = self.out_sizes[shard_id] // self.tp.size
-        offset = sum(self.out_sizes[:shard_id]) // self.tp.size
-        param.data.narrow(0, offset, size).copy_(read_weight(loaded.narrow(0, self.tp.rank * size, size)))
+        shard = read_weight(loaded.narrow(0, self.tp.rank * size, size))
+        if self.interleave:
+            param.data[shard_id::len(self.out_sizes)].copy_(shard)
+        else:
+            param.data.narrow(0, sum(self.out_sizes[:shard_id]) // self.tp.size, size).copy_(shard)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

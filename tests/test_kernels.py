@@ -516,6 +516,29 @@ def test_argmax_matches_torch(dtype):
         pointwise.argmax(torch.zeros(3, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
+@pytest.mark.parametrize(("block_n", "n"), [(2, 38), (4, 38), (8, 64)])
+def test_gemv_silu_epilogue(dtype, block_n, n):
+    """The GEMV with silu(gate) * up in its epilogue (gate, up rows alternating): the same bits as the GEMV
+    followed by the interleaved silu_and_mul kernel, and close to the fp32 reference; N not a multiple of the
+    tile (a masked pair)."""
+    gen = generator("gemv_silu", dtype, block_n, n)
+    k = 300
+    x = randn(1, k, dtype=dtype, gen=gen)
+    w = randn(n, k, dtype=dtype, gen=gen)
+    fused = gemv.gemv(x, w, block_n=block_n, block_k=128, silu=True)
+    assert fused.shape == (1, n // 2)
+    separate = pointwise.silu_and_mul(gemv.gemv(x, w, block_n=block_n, block_k=128), interleaved=True)
+    assert torch.equal(fused, separate)
+    # Against fp32 throughout: three roundings to the dtype (the product, the SiLU, the output) where the
+    # other kernels' tests have one or two, so three times their tolerance.
+    want = reference.silu_and_mul(x.float() @ w.float().T, interleaved=True)
+    err = rel_err(fused, want)
+    assert err < 3 * TOL[dtype], f"gemv silu: relative error {err:.2e}"
+    with pytest.raises(ValueError, match="even"):
+        gemv.gemv(x, w, block_n=3, silu=True)
+
+
 def test_gemv_launch_spec_and_table(tmp_path, monkeypatch):
     """PAGEDSERVE_GEMV_CONFIG / PAGEDSERVE_GEMV_TABLE spellings: parsed, rejected with the expected form, and a
     table entry wins over the K limit and the default."""
@@ -601,6 +624,12 @@ def test_silu_and_mul(dtype):
     out = ops.silu_and_mul(x)
     check_close(out, reference.silu_and_mul(x.float()), dtype, "silu_and_mul")
     assert_same_roundings(out, reference.silu_and_mul(x))
+    # gate, up alternating (the layout PAGEDSERVE_FUSED_SILU loads): the same values from the other columns
+    out = ops.silu_and_mul(x, interleaved=True)
+    check_close(out, reference.silu_and_mul(x.float(), interleaved=True), dtype, "silu_and_mul interleaved")
+    assert_same_roundings(out, reference.silu_and_mul(x, interleaved=True))
+    gate_then_up = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+    assert torch.equal(reference.silu_and_mul(x, interleaved=True), reference.silu_and_mul(gate_then_up))
 
 
 # ----------------------------------------------------------------------- programmatic dependent launch

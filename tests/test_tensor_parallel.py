@@ -72,6 +72,21 @@ def test_tp2_greedy_matches_tp1_and_hf(tiny_model_factory, tp_llms, arch, overri
         assert out == hf_greedy(hf, p, 16), f"prompt of {len(p)} tokens"
 
 
+def test_tp2_interleaved_gate_up_matches_hf(tiny_model_factory, tp_llms, monkeypatch):
+    """PAGEDSERVE_FUSED_SILU=1: every rank loads its gate and up shards with rows alternating (the layout the
+    GEMV's SiLU epilogue needs on CUDA; here the interleaved silu_and_mul); greedy outputs stay HF's."""
+    from pagedserve import kernels
+
+    monkeypatch.setenv("PAGEDSERVE_FUSED_SILU", "1")  # the worker reads it at import
+    monkeypatch.setattr(kernels, "FUSED_SILU", True)  # rank 0, in this process
+    path, hf, tok = tiny_model_factory("llama")
+    prompts = random_prompts(len(tok), [1, 9, 17], seed=22)
+    llm = tp_llms(path, num_kv_cache_tokens=2048, tensor_parallel_size=2)
+    assert llm.engine.runner.model.model.layers[0].mlp.gate_up_proj.interleave
+    for p, out in zip(prompts, generate_ids(llm, prompts, 12), strict=True):
+        assert out == hf_greedy(hf, p, 12), f"prompt of {len(p)} tokens"
+
+
 def test_tp2_chunked_prefill_preemption_and_logprobs(tiny_model_factory, tp_llms):
     """The paths where ranks must stay in step on more than one forward: 8-token prefill chunks, preemption
     and resume under a 128-token KV pool, prompt logprobs (one logits gather per request)."""

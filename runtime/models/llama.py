@@ -84,10 +84,13 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
         bias = bool(getattr(config, "mlp_bias", False))
         inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias, tp)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias, tp,
+                                                       interleave=kernels.FUSED_SILU)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, tp, reduce_in_norm=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj.interleave:
+            return self.down_proj(kernels.gate_up_silu(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
