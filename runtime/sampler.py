@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve import kernels
-
 from pagedserve.runtime.sampling_params import SamplingParams
 
 # The model runner's pinned staging (runtime/staging.py) while it runs a step: the sampler's small per-step
