@@ -128,7 +128,7 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 # One-row matmuls on the Triton GEMV. Launches per (N, K) from bench/bench_gemv.py's sweep on an H200 (session 6,
-# results/gemv_s6_prefetch.json: Llama-3.1-8B's projections and their TP=2 halves, all faster than cuBLAS, up to
+# results/gemv_h200x2_s6_sweep2.json: Llama-3.1-8B's projections and their TP=2 halves, all faster than cuBLAS, up to
 # K = 14336); other shapes get the rule in _gemv_launch, never more than 13% behind the sweep's best there.
 GEMV_MAX_K = 16384
 GEMV_TUNED = {  # (N, K): "BLOCK_NxBLOCK_KwWARPS"
@@ -136,7 +136,7 @@ GEMV_TUNED = {  # (N, K): "BLOCK_NxBLOCK_KwWARPS"
     (3072, 4096): "2x2048w4", (4096, 2048): "2x1024w4", (14336, 4096): "2x2048w8", (4096, 7168): "2x1024w4",
 }
 # Experiment knobs, read once at import (worker ranks inherit them): PAGEDSERVE_GEMV_CONFIG, a spec such as
-# "4x512w4" (parse_gemv_spec), launches every GEMV so; PAGEDSERVE_GEMV_TABLE names a JSON file {"N,K": spec or
+# "4x512w4" (parse_gemv_spec), launches every GEMV up to GEMV_MAX_K so; PAGEDSERVE_GEMV_TABLE names a JSON file {"N,K": spec or
 # "cublas"} (bench_gemv.py --table-out writes one from a sweep) that overrides both.
 _GEMV_CONFIG = os.environ.get("PAGEDSERVE_GEMV_CONFIG", "")
 _GEMV_TABLE_PATH = os.environ.get("PAGEDSERVE_GEMV_TABLE", "")

@@ -3,7 +3,7 @@
 One program owns ``BLOCK_N`` output features and walks the whole K dimension, so there is no split-K
 reduction kernel. Accumulation in fp32, one rounding at the end, like cuBLAS. The launch per shape is chosen in
 ``kernels/__init__.py`` (``GEMV_TUNED``) from bench/bench_gemv.py's sweep on an H200 (session 6,
-results/gemv_s6_prefetch.json): two rows per program with 1024- or 2048-column tiles run the 8B model's
+results/gemv_h200x2_s6_sweep2.json): two rows per program with 1024- or 2048-column tiles run the 8B model's
 projections at 94-103% of the copy rate (the copy counts read + write; a GEMV only reads), 4-43% faster than
 cuBLAS at every shape up to K = 14336; four rows and 512 columns, the earlier default, left the
 small-N projections 30-60% over their floor. From two rows on cuBLAS wins (an earlier multi-row version of this

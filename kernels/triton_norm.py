@@ -147,8 +147,7 @@ def _tp_add_rms_norm_kernel(
         if r == RANK:
             acc += x.to(tl.float32)
         else:
-            # .cg: from L2, where the peer's stores landed, never a stale L1 line; unlike volatile it keeps the
-            # loads vectorised.
+            # .cg: from L2, where the peer's stores landed, never a stale L1 line.
             acc += tl.load(mine + row_off + r * region_numel + cols, mask=mask, other=0.0,
                            cache_modifier=".cg").to(tl.float32)
     _add_norm_store(acc.to(elem).to(tl.float32), row, cols, mask, residual_ptr, stride_r, weight_ptr, out_ptr,
@@ -174,7 +173,7 @@ def _add_norm_store(reduced, row, cols, mask, residual_ptr, stride_r, weight_ptr
 @triton.jit
 def _tp_add_rms_norm_ll_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, ll_ptrs, epoch_ptr,
-    slot_offset, region_words, epoch_offset, n_cols, eps, stride_x, stride_r,
+    slot_offset, region_words, row_words, epoch_offset, n_cols, eps, stride_x, stride_r,
     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """The same reduction for a few 16-bit rows, with the flag inside the data (NCCL's "LL" idea): every
@@ -197,11 +196,11 @@ def _tp_add_rms_norm_ll_kernel(
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
     epoch = (tl.load(epoch_ptr + epoch_offset + row) + 1) & 0xFFFF
     word = (epoch << 16) | (x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
-    row_off = slot_offset + row.to(tl.int64) * n_cols
+    row_off = slot_offset + row.to(tl.int64) * row_words
     for r in tl.static_range(WORLD):
         if r != RANK:
             peer = tl.load(ll_ptrs + r).to(tl.pointer_type(tl.int32))
-            # 16-byte aligned (the host checks offsets, sizes and the buffer): vector stores over the link.
+            # 16-byte aligned (the host checks offsets and sizes, PeerAllReduce the buffers): vector stores.
             dst = tl.max_contiguous(tl.multiple_of(peer + row_off + RANK * region_words + cols, 16), 16)
             tl.store(dst, word, mask=mask)
     mine = tl.load(ll_ptrs + RANK).to(tl.pointer_type(tl.int32))
@@ -250,24 +249,32 @@ def tp_add_rms_norm(
 def tp_add_rms_norm_ll(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
     ll_ptrs: torch.Tensor, epochs: torch.Tensor, slot_offset: int, region_words: int, epoch_offset: int,
-    rank: int, world: int,
+    rank: int, world: int, row_words: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``tp_add_rms_norm`` for 16-bit rows with the flag inside each word (``_tp_add_rms_norm_ll_kernel``).
 
     ``ll_ptrs``: int64 device tensor with every rank's address of one symmetric int32 buffer, zeroed before its
-    first use; the call uses its words from ``slot_offset``: ``world`` regions of ``region_words`` (at least
-    ``rows * hidden``), one per source rank. ``epochs``: this rank's int32 counters (zeroed at first), one per
-    (slot, row) from ``epoch_offset``. Every rank makes the same calls; two calls in a row use different slots."""
+    first use; the call uses its words from ``slot_offset``: ``world`` regions of ``region_words``, one per
+    source rank, each row at ``row_words`` (default: hidden) from the one before. ``epochs``: this rank's int32
+    counters (zeroed at first), one per (slot, row) from ``epoch_offset``. Every rank makes the same calls; two
+    calls in a row use different slots. A row's words keep their position from call to call only if
+    ``row_words`` and the width stay the same (``PeerAllReduce`` fixes both): a word left by an older call of
+    another layout could carry the current epoch."""
     if x.element_size() != 2:
         raise ValueError(f"the LL all-reduce carries 16-bit elements, got {x.dtype}")
-    if x.shape[-1] % 4 or region_words % 4 or slot_offset % 4 or ll_ptrs.numel() != world:
-        raise ValueError(f"the LL all-reduce needs hidden ({x.shape[-1]}), region ({region_words}) and slot offset "
-                         f"({slot_offset}) divisible by 4 words and one buffer address per rank")
+    row_words = x.shape[-1] if row_words is None else row_words
+    if x.shape[-1] % 4 or region_words % 4 or slot_offset % 4 or row_words % 4 or ll_ptrs.numel() != world:
+        raise ValueError(f"the LL all-reduce needs hidden ({x.shape[-1]}), region ({region_words}), row stride "
+                         f"({row_words}) and slot offset ({slot_offset}) divisible by 4 words and one buffer "
+                         f"address per rank")
+    if row_words < x.shape[-1] or x.shape[0] and (x.shape[0] - 1) * row_words + x.shape[-1] > region_words:
+        raise ValueError(f"{x.shape[0]} rows of {x.shape[-1]} words {row_words} apart do not fit a region of "
+                         f"{region_words} words")
     out, residual_out, residual, rows, block, num_warps = _tp_prepare(x, residual, weight, region_words)
     if rows:
         _tp_add_rms_norm_ll_kernel[(rows,)](
-            x, residual, weight, out, residual_out, ll_ptrs, epochs,
-            slot_offset, region_words, epoch_offset, x.shape[1], float(eps), x.stride(0), residual.stride(0),
+            x, residual, weight, out, residual_out, ll_ptrs, epochs, slot_offset, region_words, row_words,
+            epoch_offset, x.shape[1], float(eps), x.stride(0), residual.stride(0),
             RANK=rank, WORLD=world, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False, **launch_kwargs(x),
         )
     return out, residual_out

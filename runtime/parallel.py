@@ -30,7 +30,8 @@ PEER_ALLREDUCE_MAX_BYTES = 4 << 20
 FUSED_NORM_MAX_ROWS = 256
 # Up to this many rows (and LL_MAX_COLS columns) of a 16-bit model the fused norm carries its flag inside each
 # 32-bit word instead of signalling after its stores (kernels.triton_norm.tp_add_rms_norm_ll): no system-scope
-# fence or remote atomic on the way. PAGEDSERVE_TP_LL=0 turns it off (read at import).
+# fence or remote atomic on the way. Measured on two H200s (bench/results/allreduce_h200x2_s6.json): 3.2 vs 4.4 us
+# for 1 row, 3.4 vs 4.7 for 8. PAGEDSERVE_TP_LL=0 turns it off (read by each rank at start; the ranks agree).
 LL_MAX_ROWS = 8
 LL_MAX_COLS = 16384
 LL_ENV = "PAGEDSERVE_TP_LL"
@@ -82,12 +83,16 @@ class PeerAllReduce:
         # two slots of one region per source rank, LL_MAX_ROWS x LL_MAX_COLS 32-bit words each, zeroed; and
         # this rank's epoch per (slot, row).
         self.ll = os.environ.get(LL_ENV, "1").strip() != "0" and torch.tensor([], dtype=dtype).element_size() == 2
+        self.ll = _all_agree(self.ll, group, device)  # a rank without it would skip the rendezvous below
+        self.ll_cols = None  # the one width the LL rows take (the first seen), so rows keep their positions
         if self.ll:
             self.ll_region = LL_MAX_ROWS * LL_MAX_COLS
             self.ll_buffer = symm_mem.empty(2 * self.world * self.ll_region, dtype=torch.int32, device=device)
             self.ll_buffer.zero_()
             self.ll_handle = symm_mem.rendezvous(self.ll_buffer, self.group_name)
             self.ll_ptrs = torch.tensor(list(self.ll_handle.buffer_ptrs), dtype=torch.int64, device=device)
+            if any(p % 16 for p in self.ll_handle.buffer_ptrs):  # the kernel's vector stores need 16 bytes
+                raise RuntimeError(f"LL buffers not 16-byte aligned: {list(self.ll_handle.buffer_ptrs)}")
             self.ll_epochs = torch.zeros(2 * LL_MAX_ROWS, dtype=torch.int32, device=device)
         # Zeroed pads and LL buffer on this rank before make_peer_all_reduce's agreement (a collective every rank
         # joins, so no rank can signal or push into a peer's memory before it is ready).
@@ -104,7 +109,13 @@ class PeerAllReduce:
                 and 0 < x.shape[0] <= min(self.norm_max_rows, FUSED_NORM_MAX_ROWS) and x.numel() <= self.region_numel)
 
     def _takes_ll(self, rows: int, cols: int) -> bool:
-        return self.ll and rows <= LL_MAX_ROWS and cols <= LL_MAX_COLS and cols % 4 == 0
+        """Same answer on every rank for the same call (shape only, and the width first seen, which every rank
+        sees first)."""
+        if not (self.ll and rows <= LL_MAX_ROWS and cols <= LL_MAX_COLS and cols % 4 == 0):
+            return False
+        if self.ll_cols is None:
+            self.ll_cols = cols
+        return cols == self.ll_cols
 
     def add_rms_norm(self, x, residual, weight, eps: float, slot: int):
         from pagedserve.kernels.triton_norm import tp_add_rms_norm, tp_add_rms_norm_ll
@@ -112,7 +123,7 @@ class PeerAllReduce:
         if self._takes_ll(*x.shape):
             return tp_add_rms_norm_ll(x, residual, weight, eps, self.ll_ptrs, self.ll_epochs,
                                       slot * self.world * self.ll_region, self.ll_region, slot * LL_MAX_ROWS,
-                                      self.rank, self.world)
+                                      self.rank, self.world, row_words=LL_MAX_COLS)
         return tp_add_rms_norm(x, residual, weight, eps, self.norm_buffer_ptrs, self.norm_signal_ptrs,
                                slot * self.slot_numel, self.region_numel, slot * self.norm_max_rows * self.world,
                                self.rank, self.world)

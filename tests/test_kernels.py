@@ -366,10 +366,12 @@ def test_tp_add_rms_norm_as_one_rank_of_a_simulated_group(world, dtype, tol, slo
 @pytest.mark.parametrize("slot", [0, 1])
 @pytest.mark.parametrize("last", [False, True], ids=["rank0", "last_rank"])
 @pytest.mark.parametrize("start_epoch", [0, 0xFFFF], ids=["fresh", "wrap"])
-def test_tp_add_rms_norm_ll_as_one_rank_of_a_simulated_group(world, slot, last, start_epoch):
+@pytest.mark.parametrize("row_words", [None, 104], ids=["packed", "strided"])
+def test_tp_add_rms_norm_ll_as_one_rank_of_a_simulated_group(world, slot, last, start_epoch, row_words):
     rows, hidden, max_rows = 3, 100, 4  # hidden not a power of two: masked columns
+    stride = row_words or hidden
     me = world - 1 if last else 0
-    gen = generator("tp-add-rms-ll", world, slot, me, start_epoch)
+    gen = generator("tp-add-rms-ll", world, slot, me, start_epoch, stride)
     dtype = torch.bfloat16
 
     def rand(*shape):
@@ -377,7 +379,7 @@ def test_tp_add_rms_norm_ll_as_one_rank_of_a_simulated_group(world, slot, last, 
 
     partials = [rand(rows, hidden) for _ in range(world)]
     residual, weight = rand(rows, hidden), rand(hidden)
-    region = rows * hidden + 4  # regions need not be row-aligned, only 16-byte aligned
+    region = rows * stride + 4  # regions need not be row-aligned, only 16-byte aligned
     off = slot * world * region
     sentinel = 0x7EADBEEF
     buffers = [torch.full((2 * world * region,), sentinel, dtype=torch.int32, device=DEVICE) for _ in range(world)]
@@ -385,20 +387,22 @@ def test_tp_add_rms_norm_ll_as_one_rank_of_a_simulated_group(world, slot, last, 
     epochs[me][slot * max_rows:slot * max_rows + rows] = start_epoch
     epoch = (start_epoch + 1) & 0xFFFF
 
-    def words(t):  # this call's words for a partial: (epoch << 16) | the element's 16 bits
+    def words(t, e=epoch):  # a call's words for a partial row: (epoch << 16) | the element's 16 bits
         bits = t.reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF
-        return (epoch << 16) | bits if epoch < 0x8000 else ((epoch << 16) - (1 << 32)) | bits
+        return (e << 16) | bits if e < 0x8000 else ((e << 16) - (1 << 32)) | bits
 
-    def region_of(buf, src):
-        return buf[off + src * region:off + src * region + rows * hidden]
+    def row_of(buf, src, row):
+        start = off + src * region + row * stride
+        return buf[start:start + hidden]
 
     peers = [r for r in range(world) if r != me]
     for r in peers:
-        region_of(buffers[me], r).copy_(words(partials[r]))
+        for row in range(rows):
+            row_of(buffers[me], r, row).copy_(words(partials[r][row]))
     ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device=DEVICE)
     own_before = buffers[me].clone()
     out, new_residual = norm.tp_add_rms_norm_ll(partials[me], residual, weight, 1e-5, ptrs, epochs[me], off, region,
-                                                slot * max_rows, me, world)
+                                                slot * max_rows, me, world, row_words=row_words)
 
     summed = partials[0].float()
     for p in partials[1:]:
@@ -408,11 +412,15 @@ def test_tp_add_rms_norm_ll_as_one_rank_of_a_simulated_group(world, slot, last, 
     torch.testing.assert_close(out.float(), want_out.float(), rtol=3.2e-2, atol=3.2e-2)
     assert torch.equal(buffers[me], own_before)  # wrote nothing into its own buffer
     for r in peers:
-        assert torch.equal(region_of(buffers[r], me), words(partials[me]))
-        assert (buffers[r] != sentinel).sum().item() == rows * hidden, "wrote outside its region of the slot"
+        for row in range(rows):
+            assert torch.equal(row_of(buffers[r], me, row), words(partials[me][row]))
+        assert (buffers[r] != sentinel).sum().item() == rows * hidden, "wrote outside its rows of the slot"
     kept = epochs[me].tolist()
     assert kept[slot * max_rows:slot * max_rows + rows] == [epoch] * rows
     assert sum(kept) == epoch * rows, "an epoch outside this call's rows was touched"
+    with pytest.raises(ValueError, match="do not fit"):
+        norm.tp_add_rms_norm_ll(partials[me], residual, weight, 1e-5, ptrs, epochs[me], off, region, 0, me, world,
+                                row_words=region)
 
 
 @pytest.mark.skipif(ON_CUDA, reason="a second thread writes the peer's words while the interpreter spins")
@@ -550,6 +558,7 @@ def test_gemv_launch_spec_and_table(tmp_path, monkeypatch):
     path = tmp_path / "table.json"
     path.write_text('{"4096,20000": "1x512w8", "4096,4096": "cublas"}')
     monkeypatch.setattr(kernels, "_GEMV_TABLE", kernels._load_gemv_table(str(path)))
+    monkeypatch.setattr(kernels, "_GEMV_SPEC", None)  # whatever PAGEDSERVE_GEMV_CONFIG says here
     assert kernels._gemv_launch(4096, 20000)["num_warps"] == 8  # above GEMV_MAX_K, routed by the table
     assert kernels._gemv_launch(4096, 4096) is None  # cuBLAS by the table
     assert kernels._gemv_launch(3072, 4096) == kernels.parse_gemv_spec(kernels.GEMV_TUNED[(3072, 4096)])

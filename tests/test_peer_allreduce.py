@@ -115,7 +115,18 @@ def _fused_norm_cases(rank, peer_tp, nccl_tp, dev, gen):
         for _ in range(20):
             graph.replay()
         torch.cuda.synchronize()
-        cases.append((f"graph chain x20 ({'LL' if peer_tp.peer.ll else 'flags'})", _np(out), _np(want)))
+        kind = "LL" if peer_tp.peer.ll else "flags"
+        cases.append((f"graph chain x20 ({kind})", _np(out), _np(want)))
+        # Fresh inputs before each of a few more replays: a call that took the previous replay's words (or
+        # flags) would hand over the previous inputs' sums, which the same inputs above could not show.
+        for rep in range(3):
+            xin.copy_(torch.randn(xin.shape, device=dev, dtype=xin.dtype, generator=gen))
+            rin.copy_(torch.randn(rin.shape, device=dev, dtype=rin.dtype, generator=gen))
+            want = chain(lambda x, r, s: fused_add_rms_norm(nccl_tp.all_reduce(x.clone()), r, weight, 1e-5),
+                         xin.clone(), rin.clone())
+            graph.replay()
+            torch.cuda.synchronize()
+            cases.append((f"graph chain, fresh inputs {rep} ({kind})", _np(out), _np(want)))
         peer_tp.peer.ll = ll_before
 
     return cases
