@@ -24,6 +24,7 @@ __all__ = [
     "rotary_embedding_and_cache",
     "silu_and_mul",
     "gate_up_silu",
+    "qkv_rotary_cache",
     "argmax",
     "linear",
     "use_triton",
@@ -79,15 +80,17 @@ def fused_add_rms_norm(x, residual, weight, eps):
     return _impl(x).fused_add_rms_norm(x, residual, weight, eps)
 
 
-def rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping):
+def rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                               paired: bool = False):
     """RoPE on q and k, and this step's rotated K and V written into the paged cache by slot (one launch on
-    the GPU); returns the rotated q."""
-    return _impl(q).rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    the GPU); returns the rotated q. ``paired``: heads in ``reference.pair_heads`` layout."""
+    return _impl(q).rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                               paired)
 
 
-def rotary_embedding(positions, q, k, cos_sin_cache):
+def rotary_embedding(positions, q, k, cos_sin_cache, paired: bool = False):
     """Rotate-half RoPE on ``q [T, Hq, D]`` and ``k [T, Hk, D]`` from a ``[max_pos, D]`` cos|sin cache."""
-    return _impl(q).rotary_embedding(positions, q, k, cos_sin_cache)
+    return _impl(q).rotary_embedding(positions, q, k, cos_sin_cache, paired)
 
 
 # "triton": greedy sampling's argmax on CUDA in kernels.triton_pointwise.argmax (one read of the logits in their
@@ -108,6 +111,26 @@ def argmax(logits):
 def silu_and_mul(x, interleaved: bool = False):
     """``silu(gate) * up`` of a fused ``[..., 2d]`` gate/up projection (``interleaved``: gate, up alternate)."""
     return _impl(x).silu_and_mul(x, interleaved)
+
+
+# "1": q and k heads are loaded with their dims paired (reference.pair_heads; attention scores do not change), so
+# that batch-1 decode's qkv GEMV rotates q and k and writes K/V into the cache in its epilogue (qkv_rotary_cache)
+# and the separate rotary kernel goes away. Models with per-head q/k norms keep the usual layout. An experiment
+# knob (not yet measured on a GPU), read once at import; the model reads it when it is built.
+FUSED_ROTARY = os.environ.get("PAGEDSERVE_FUSED_ROTARY", "") == "1"
+
+
+def qkv_rotary_cache(x, weight, bias, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q_size: int,
+                     kv_size: int, head_dim: int) -> torch.Tensor | None:
+    """One token's qkv projection, RoPE and cache write in the GEMV (heads paired): the rotated q [1, q_size],
+    or None where the GEMV does not take this product (the caller projects and rotates as usual)."""
+    cfg = gemv_launch(x, weight, bias)
+    if cfg is None or cfg["block_n"] % 2 or head_dim % cfg["block_n"] or x.dtype != k_cache.dtype:
+        return None
+    from pagedserve.kernels.triton_gemv import gemv_qkv_rotary
+
+    return gemv_qkv_rotary(x, weight, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q_size, kv_size,
+                           head_dim, **cfg)
 
 
 # "1": the fused gate/up projection is loaded with gate and up rows alternating, so that batch-1 decode's GEMV

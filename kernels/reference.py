@@ -114,9 +114,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+def rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                               paired: bool = False) -> torch.Tensor:
     """``rotary_embedding`` of q and k, then ``write_kv_cache`` of the rotated k and of v; the rotated q."""
-    q_rot, k_rot = rotary_embedding(positions, q, k, cos_sin_cache)
+    q_rot, k_rot = rotary_embedding(positions, q, k, cos_sin_cache, paired)
     write_kv_cache(k_rot, v, k_cache, v_cache, slot_mapping)
     return q_rot
 
@@ -126,12 +127,17 @@ def rotary_embedding(
     q: torch.Tensor,
     k: torch.Tensor,
     cos_sin_cache: torch.Tensor,
+    paired: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox-style (rotate-half) RoPE on ``q [T, Hq, D]`` and ``k [T, Hk, D]``.
 
     ``cos_sin_cache`` is ``[max_position, D]`` fp32: the first ``D/2`` columns hold cos, the last ``D/2`` sin,
-    of ``position * inv_freq`` (already multiplied by any attention scaling).
+    of ``position * inv_freq`` (already multiplied by any attention scaling). ``paired``: each head's dims are
+    stored as pairs ``(j, j + D/2)`` side by side (``unpair_heads`` undoes it); the same rotation, in that layout.
     """
+    if paired:
+        q_out, k_out = rotary_embedding(positions, unpair_heads(q), unpair_heads(k), cos_sin_cache)
+        return pair_heads(q_out), pair_heads(k_out)
     half = cos_sin_cache.shape[-1] // 2
     cs = cos_sin_cache.index_select(0, positions.to(torch.long))
     cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).unsqueeze(1)
@@ -141,6 +147,17 @@ def rotary_embedding(
     q_out = q * cos + rotate_half(q) * sin
     k_out = k * cos + rotate_half(k) * sin
     return q_out, k_out
+
+
+def pair_heads(x: torch.Tensor) -> torch.Tensor:
+    """The last dimension [x_0 .. x_{D/2-1} | x_{D/2} .. x_{D-1}] as pairs: x_0, x_{D/2}, x_1, x_{D/2+1}, ..."""
+    half = x.shape[-1] // 2
+    return torch.stack((x[..., :half], x[..., half:]), dim=-1).flatten(-2)
+
+
+def unpair_heads(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pair_heads``."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,9 @@ from pagedserve.kernels.pdl import launch_kwargs, pdl_launch_dependents, pdl_wai
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRE_K: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
+def _gemv_rows(x_ptr, w_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
+               PDL: tl.constexpr):
+    """This program's BLOCK_N rows of ``w @ x``: (row indices, their mask, fp32 sums)."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -54,6 +55,14 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BL
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
         acc += tl.sum(w * x[None, :], axis=1)
+    return n, n_mask, acc
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRE_K: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
+    n, n_mask, acc = _gemv_rows(x_ptr, w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, PRE_K, PDL)
+    pid = tl.program_id(0)
     dtype = y_ptr.dtype.element_ty
     if SILU:
         # w's rows alternate gate, up (a fused gate/up projection loaded interleaved): each pair of outputs
@@ -64,6 +73,80 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BL
         tl.store(y_ptr + h, (silu * up).to(dtype), mask=h < N // 2)
     else:
         tl.store(y_ptr + n, acc.to(dtype), mask=n_mask)
+
+
+@triton.jit
+def _gemv_qkv_rotary_kernel(
+    x_ptr, w_ptr, q_ptr, N, K, stride_wn, positions_ptr, cos_sin_ptr, stride_cache,
+    k_cache_ptr, v_cache_ptr, slot_ptr, stride_kcb, stride_kct, stride_vcb, stride_vct, stride_ch, Q_SIZE, KV_SIZE,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
+):
+    """One token's fused q|k|v projection whose q and k heads are stored as pairs (reference.pair_heads, as
+    PAGEDSERVE_FUSED_ROTARY loads them), so each pair of a program's rows is one rotation: the epilogue rotates
+    q into ``q_ptr`` and k straight into the paged cache at the token's slot, and copies v into its cache, with
+    the roundings of the GEMV followed by ``rotary_embedding_and_cache(paired=True)``."""
+    n, n_mask, acc = _gemv_rows(x_ptr, w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, PRE_K, PDL)
+    dtype = q_ptr.dtype.element_ty
+    x1, x2 = tl.split(tl.reshape(acc.to(dtype).to(tl.float32), [BLOCK_N // 2, 2]))
+    first = tl.program_id(0) * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)  # the pair's first row
+    ok = first < N
+    j = (first % HEAD_DIM) // 2  # the pair's frequency
+    pos = tl.load(positions_ptr).to(tl.int64)
+    cos = tl.load(cos_sin_ptr + pos * stride_cache + j).to(dtype).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * stride_cache + HEAD_DIM // 2 + j).to(dtype).to(tl.float32)
+    is_v = first >= Q_SIZE + KV_SIZE
+    o1 = tl.where(is_v, x1, (x1 * cos).to(dtype).to(tl.float32) + (-x2 * sin).to(dtype).to(tl.float32)).to(dtype)
+    o2 = tl.where(is_v, x2, (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
+    is_q = first < Q_SIZE
+    tl.store(q_ptr + first, o1, mask=ok & is_q)
+    tl.store(q_ptr + first + 1, o2, mask=ok & is_q)
+    slot = tl.load(slot_ptr).to(tl.int64)
+    if slot >= 0:
+        block = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
+        is_k = ~is_q & ~is_v
+        kv = tl.where(is_v, first - Q_SIZE - KV_SIZE, first - Q_SIZE)  # row within k (or v)
+        at = (kv // HEAD_DIM) * stride_ch + kv % HEAD_DIM
+        k_at = k_cache_ptr + block * stride_kcb + offset * stride_kct + at
+        v_at = v_cache_ptr + block * stride_vcb + offset * stride_vct + at
+        tl.store(k_at, o1.to(k_cache_ptr.dtype.element_ty), mask=ok & is_k)
+        tl.store(k_at + 1, o2.to(k_cache_ptr.dtype.element_ty), mask=ok & is_k)
+        tl.store(v_at, o1.to(v_cache_ptr.dtype.element_ty), mask=ok & is_v)
+        tl.store(v_at + 1, o2.to(v_cache_ptr.dtype.element_ty), mask=ok & is_v)
+
+
+def gemv_qkv_rotary(x: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_size: int,
+                    kv_size: int, head_dim: int, block_n: int = 2, block_k: int = 1024, num_warps: int = 4,
+                    num_stages: int = 3, pre_k: int | None = None) -> torch.Tensor:
+    """``rotary_embedding_and_cache(paired=True)`` of one token's ``x @ w.T`` (``w`` the [q | k | v] rows, q and
+    k heads in ``reference.pair_heads`` layout) in one kernel: writes k and v into the caches at
+    ``slot_mapping[0]`` (nothing if negative) and returns the rotated q [1, q_size]."""
+    n, k = w.shape
+    if x.shape != (1, k) or x.stride(1) != 1 or w.stride(1) != 1 or n != q_size + 2 * kv_size:
+        raise ValueError(f"expected x [1, {k}] and w [q + 2 kv = {q_size + 2 * kv_size}, K]; got {tuple(x.shape)}, "
+                         f"{tuple(w.shape)}")
+    if block_n % 2 or head_dim % block_n or q_size % head_dim or kv_size % head_dim:
+        raise ValueError(f"block_n ({block_n}) must be even and divide head_dim ({head_dim}), which divides the "
+                         f"q ({q_size}) and kv ({kv_size}) sizes")
+    if (positions.shape != (1,) or slot_mapping.shape != (1,) or cos_sin_cache.shape[-1] != head_dim
+            or cos_sin_cache.stride(-1) != 1 or k_cache.shape != v_cache.shape or k_cache.stride(-1) != 1
+            or v_cache.stride(-1) != 1 or k_cache.stride(2) != v_cache.stride(2)
+            or k_cache.shape[2] * head_dim != kv_size or k_cache.shape[3] != head_dim):
+        raise ValueError("positions and slot_mapping must be [1], cos_sin_cache [max_pos, head_dim], and the "
+                         "caches [blocks, block_size, kv_heads, head_dim] alike, contiguous in head_dim")
+    pre_k = block_k if pre_k is None else pre_k
+    q = torch.empty(1, q_size, dtype=x.dtype, device=x.device)
+    _gemv_qkv_rotary_kernel[(triton.cdiv(n, block_n),)](
+        x, w, q, n, k, w.stride(0), positions, cos_sin_cache, cos_sin_cache.stride(0), k_cache, v_cache,
+        slot_mapping, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), k_cache.stride(2),
+        q_size, kv_size, BLOCK_N=block_n, BLOCK_K=block_k, PRE_K=pre_k, HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1], num_warps=num_warps, num_stages=num_stages,
+        enable_fp_fusion=False,  # the rotation's roundings, as in triton_pointwise
+        **launch_kwargs(x),
+    )
+    return q
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = 4, block_k: int = 512, num_warps: int = 4,
@@ -90,4 +173,4 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int = 4, block_k: int = 512,
     return y
 
 
-__all__ = ["gemv"]
+__all__ = ["gemv", "gemv_qkv_rotary"]

@@ -85,21 +85,24 @@ def write_kv_cache(
 # ------------------------------------------------------------------------------------------- rotary
 @triton.jit
 def _rotate_heads(x_ptr, out_ptr, num_heads, stride_h, cos, sin, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                  HEADS_PAD: tl.constexpr, OUT_STRIDE_H: tl.constexpr):
+                  HEADS_PAD: tl.constexpr, OUT_STRIDE_H: tl.constexpr, PAIRED: tl.constexpr):
     h = tl.arange(0, HEADS_PAD)[:, None]
     j = tl.arange(0, HALF_PAD)[None, :]
     mask = (h < num_heads) & (j < HALF)
     dtype = out_ptr.dtype.element_ty
-    x1 = tl.load(x_ptr + h * stride_h + j, mask=mask, other=0.0)
-    x2 = tl.load(x_ptr + h * stride_h + HALF + j, mask=mask, other=0.0)
+    # Where dims j and j + HALF of a head live: HALF apart, or side by side (PAIRED: reference.pair_heads).
+    first = 2 * j if PAIRED else j
+    second = first + 1 if PAIRED else j + HALF
+    x1 = tl.load(x_ptr + h * stride_h + first, mask=mask, other=0.0)
+    x2 = tl.load(x_ptr + h * stride_h + second, mask=mask, other=0.0)
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
     # x * cos + rotate_half(x) * sin, each product rounded to the activation dtype as in the reference.
     o1 = (x1f * cos).to(dtype).to(tl.float32) + (-x2f * sin).to(dtype).to(tl.float32)
     o2 = (x2f * cos).to(dtype).to(tl.float32) + (x1f * sin).to(dtype).to(tl.float32)
     out_row = out_ptr + h * OUT_STRIDE_H
-    tl.store(out_row + j, o1.to(dtype), mask=mask)
-    tl.store(out_row + HALF + j, o2.to(dtype), mask=mask)
+    tl.store(out_row + first, o1.to(dtype), mask=mask)
+    tl.store(out_row + second, o2.to(dtype), mask=mask)
 
 
 @triton.jit
@@ -115,16 +118,17 @@ def _load_cos_sin(cos_sin_ptr, pos, stride_cache, dtype, HALF: tl.constexpr, HAL
 def _rotary_kernel(
     positions_ptr, q_ptr, k_ptr, cos_sin_ptr, q_out_ptr, k_out_ptr,
     num_q_heads, num_k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, PDL: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, PAIRED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pdl_begin(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     cos, sin = _load_cos_sin(cos_sin_ptr, pos, stride_cache, q_out_ptr.dtype.element_ty, HALF, HALF_PAD)
     _rotate_heads(q_ptr + token * stride_qt, q_out_ptr + token * num_q_heads * 2 * HALF, num_q_heads,
-                  stride_qh, cos, sin, HALF, HALF_PAD, QH_PAD, 2 * HALF)
+                  stride_qh, cos, sin, HALF, HALF_PAD, QH_PAD, 2 * HALF, PAIRED)
     _rotate_heads(k_ptr + token * stride_kt, k_out_ptr + token * num_k_heads * 2 * HALF, num_k_heads,
-                  stride_kh, cos, sin, HALF, HALF_PAD, KH_PAD, 2 * HALF)
+                  stride_kh, cos, sin, HALF, HALF_PAD, KH_PAD, 2 * HALF, PAIRED)
 
 
 @triton.jit
@@ -133,7 +137,7 @@ def _rotary_cache_kernel(
     num_q_heads, num_k_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache,
     stride_kcb, stride_kct, stride_vcb, stride_vct,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, QH_PAD: tl.constexpr, KH_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, CACHE_STRIDE_H: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CACHE_STRIDE_H: tl.constexpr, PAIRED: tl.constexpr, PDL: tl.constexpr,
 ):
     """Rotary on q (to q_out) and k (straight into the paged cache at the token's slot), v copied into its
     cache: one launch per layer instead of two, and rotated k never round-trips through memory."""
@@ -142,13 +146,13 @@ def _rotary_cache_kernel(
     pos = tl.load(positions_ptr + token).to(tl.int64)
     cos, sin = _load_cos_sin(cos_sin_ptr, pos, stride_cache, q_out_ptr.dtype.element_ty, HALF, HALF_PAD)
     _rotate_heads(q_ptr + token * stride_qt, q_out_ptr + token * num_q_heads * 2 * HALF, num_q_heads,
-                  stride_qh, cos, sin, HALF, HALF_PAD, QH_PAD, 2 * HALF)
+                  stride_qh, cos, sin, HALF, HALF_PAD, QH_PAD, 2 * HALF, PAIRED)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
         block = slot // BLOCK_SIZE
         offset = slot % BLOCK_SIZE
         _rotate_heads(k_ptr + token * stride_kt, k_cache_ptr + block * stride_kcb + offset * stride_kct,
-                      num_k_heads, stride_kh, cos, sin, HALF, HALF_PAD, KH_PAD, CACHE_STRIDE_H)
+                      num_k_heads, stride_kh, cos, sin, HALF, HALF_PAD, KH_PAD, CACHE_STRIDE_H, PAIRED)
         h = tl.arange(0, KH_PAD)[:, None]
         d = tl.arange(0, 2 * HALF_PAD)[None, :]
         mask = (h < num_k_heads) & (d < 2 * HALF)
@@ -157,9 +161,11 @@ def _rotary_cache_kernel(
                  v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+def rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                               paired: bool = False) -> torch.Tensor:
     """``rotary_embedding`` on q and k, then ``write_kv_cache`` of the rotated k and of v, in one launch;
-    returns the rotated q. A negative slot writes nothing for its token."""
+    returns the rotated q. A negative slot writes nothing for its token. ``paired``: heads in
+    ``reference.pair_heads`` layout."""
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"expected q [T, Hq, D], k and v [T, Hk, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -183,7 +189,7 @@ def rotary_embedding_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cac
         cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(num_q_heads),
         KH_PAD=triton.next_power_of_2(k.shape[1]), BLOCK_SIZE=k_cache.shape[1], CACHE_STRIDE_H=k_cache.stride(2),
-        num_warps=4, enable_fp_fusion=False, **launch_kwargs(q),
+        PAIRED=paired, num_warps=4, enable_fp_fusion=False, **launch_kwargs(q),
     )
     return q_out
 
@@ -193,8 +199,10 @@ def rotary_embedding(
     q: torch.Tensor,
     k: torch.Tensor,
     cos_sin_cache: torch.Tensor,
+    paired: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style (rotate-half) RoPE on ``q [T, Hq, D]`` and ``k [T, Hk, D]``; returns new tensors.
+    """Neox-style (rotate-half) RoPE on ``q [T, Hq, D]`` and ``k [T, Hk, D]``; returns new tensors (``paired``:
+    heads in ``reference.pair_heads`` layout).
 
     ``q`` and ``k`` may be strided views (slices of a fused qkv projection); see ``reference.rotary_embedding``.
     """
@@ -222,7 +230,8 @@ def rotary_embedding(
         positions, q, k, cos_sin_cache, q_out, k_out,
         num_q_heads, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), QH_PAD=triton.next_power_of_2(num_q_heads),
-        KH_PAD=triton.next_power_of_2(k.shape[1]), num_warps=4, enable_fp_fusion=False, **launch_kwargs(q),
+        KH_PAD=triton.next_power_of_2(k.shape[1]), PAIRED=paired, num_warps=4, enable_fp_fusion=False,
+        **launch_kwargs(q),
     )
     return q_out, k_out
 

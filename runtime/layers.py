@@ -94,9 +94,13 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Fused Q, K and V projections. When ranks outnumber KV heads, each KV head is replicated."""
 
     def __init__(
-        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPGroup = SINGLE
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPGroup = SINGLE,
+        paired: bool = False,
     ):
+        """``paired``: q and k rows of each head stored with dims j and j + head_dim / 2 side by side
+        (``kernels.reference.pair_heads``), for ``kernels.qkv_rotary_cache``; v rows as they come."""
         self.head_dim = head_dim
+        self.paired = paired
         self.num_heads = divide(num_heads, tp.size, "attention heads")
         if num_kv_heads >= tp.size:
             self.num_kv_heads = divide(num_kv_heads, tp.size, "KV heads")
@@ -122,7 +126,12 @@ class QKVParallelLinear(ColumnParallelLinear):
             offset = q_size if shard_id == "k" else q_size + kv_size
             size = kv_size
             src = (self.tp.rank // self.kv_replicas) * kv_size
-        param.data.narrow(0, offset, size).copy_(read_weight(loaded.narrow(0, src, size)))
+        shard = read_weight(loaded.narrow(0, src, size))
+        if self.paired and shard_id in ("q", "k"):  # per head: rows j, j + D/2 -> 2j, 2j + 1
+            half = self.head_dim // 2
+            heads = shard.reshape(size // self.head_dim, 2, half, *shard.shape[1:])
+            shard = heads.transpose(1, 2).reshape(shard.shape)
+        param.data.narrow(0, offset, size).copy_(shard)
 
 
 class RowParallelLinear(nn.Module):

@@ -592,6 +592,94 @@ def test_rotary_embedding(head_dim, dtype):
     assert torch.equal(q, q_before), "rotary_embedding must not modify its inputs"
 
 
+def _rope_cache(head_dim: int, max_pos: int = 4096) -> torch.Tensor:
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(DEVICE)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
+def test_rotary_embedding_paired_layout(head_dim, dtype):
+    """Heads stored as pairs (PAGEDSERVE_FUSED_ROTARY): the kernel in that layout gives the rotate-half result
+    in that layout bit for bit, and attention scores q . k are those of the usual layout (fp32)."""
+    gen = generator("rope-paired", head_dim, dtype)
+    num_tokens, num_q_heads, num_k_heads = 9, 4, 2
+    q = randn(num_tokens, num_q_heads, head_dim, dtype=dtype, gen=gen)
+    k = randn(num_tokens, num_k_heads, head_dim, dtype=dtype, gen=gen)
+    cos_sin = _rope_cache(head_dim)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=gen).to(DEVICE)
+    q_out, k_out = ops.rotary_embedding(positions, q, k, cos_sin)
+    qp_out, kp_out = ops.rotary_embedding(positions, reference.pair_heads(q), reference.pair_heads(k), cos_sin,
+                                          paired=True)
+    assert torch.equal(qp_out.cpu(), reference.pair_heads(q_out).cpu())
+    assert torch.equal(kp_out.cpu(), reference.pair_heads(k_out).cpu())
+    assert torch.equal(reference.unpair_heads(reference.pair_heads(q)), q)
+    qf, kf = reference.rotary_embedding(positions.cpu(), q.float().cpu(), k.float().cpu(), cos_sin.cpu())
+    qpf, kpf = reference.rotary_embedding(positions.cpu(), reference.pair_heads(q.float().cpu()),
+                                          reference.pair_heads(k.float().cpu()), cos_sin.cpu(), paired=True)
+    scores = torch.einsum("tqd,tkd->tqk", qf, kf)
+    torch.testing.assert_close(torch.einsum("tqd,tkd->tqk", qpf, kpf), scores, rtol=1e-5, atol=1e-4)
+    # the cache variant: the same q, and k / v written in the paired layout
+    k_cache = torch.full((4, 16, num_k_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    slots = torch.arange(num_tokens, device=DEVICE) * 3
+    v = randn(num_tokens, num_k_heads, head_dim, dtype=dtype, gen=gen)
+    q_c = ops.rotary_embedding_and_cache(positions, reference.pair_heads(q), reference.pair_heads(k), v, cos_sin,
+                                         k_cache, v_cache, slots, paired=True)
+    assert torch.equal(q_c.cpu(), qp_out.cpu())
+    assert torch.equal(k_cache.view(-1, num_k_heads, head_dim)[slots].cpu(), kp_out.cpu())
+    assert torch.equal(v_cache.view(-1, num_k_heads, head_dim)[slots].cpu(), v.cpu())
+
+
+@pytest.mark.parametrize(("block_n", "head_dim", "kv_heads"), [(2, 64, 2), (4, 64, 1), (2, 16, 2)])
+@pytest.mark.parametrize("slot", [37, -1], ids=["slot", "no_slot"])
+def test_gemv_qkv_rotary_epilogue(block_n, head_dim, kv_heads, slot):
+    """One token's q|k|v GEMV that rotates q and k (paired heads) and writes K/V into the cache in its epilogue,
+    against the fp32 product followed by the reference's rotary + cache write; a negative slot writes nothing
+    (the cache stays poisoned) and everything but the slot stays poisoned."""
+    dtype = torch.bfloat16
+    gen = generator("gemv-qkv-rotary", block_n, head_dim, kv_heads, slot)
+    q_heads, hidden, block_size = 4, 96, 16
+    q_size, kv_size = q_heads * head_dim, kv_heads * head_dim
+    x = randn(1, hidden, dtype=dtype, gen=gen)
+    w = randn(q_size + 2 * kv_size, hidden, dtype=dtype, gen=gen) * 0.2
+    cos_sin = _rope_cache(head_dim)
+    positions = torch.tensor([1234], device=DEVICE)
+    slots = torch.tensor([slot], device=DEVICE)
+    k_cache = torch.full((4, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    q = gemv.gemv_qkv_rotary(x, w, positions, cos_sin, k_cache, v_cache, slots, q_size, kv_size, head_dim,
+                             block_n=block_n, block_k=64)
+    # Against the separate kernels (GEMV, then the paired rotary + cache write): the same roundings.
+    k_two = torch.full_like(k_cache, float("nan"))
+    v_two = k_two.clone()
+    y = gemv.gemv(x, w, block_n=block_n, block_k=64)
+    qs, ks, vs = (t.reshape(1, -1, head_dim) for t in y.split([q_size, kv_size, kv_size], dim=-1))
+    q_two = ops.rotary_embedding_and_cache(positions, qs, ks, vs, cos_sin, k_two, v_two, slots, paired=True)
+    check_close(q.view(1, q_heads, head_dim), q_two, dtype, "q vs separate kernels")
+    # And against fp32 throughout (three roundings to the dtype on the way: three times the tolerance).
+    yf = (x.float() @ w.float().T).cpu()
+    qr, kr, vr = (t.reshape(1, -1, head_dim) for t in yf.split([q_size, kv_size, kv_size], dim=-1))
+    k_ref = torch.zeros(4, block_size, kv_heads, head_dim)
+    v_ref = torch.zeros_like(k_ref)
+    q_ref = reference.rotary_embedding_and_cache(positions.cpu(), qr, kr, vr, cos_sin.cpu(), k_ref, v_ref,
+                                                 slots.cpu(), paired=True)
+    assert rel_err(q.view(1, q_heads, head_dim), q_ref) < 3 * TOL[dtype]
+    flat_k, flat_v = k_cache.view(-1, kv_heads, head_dim).cpu(), v_cache.view(-1, kv_heads, head_dim).cpu()
+    others = torch.ones(flat_k.shape[0], dtype=torch.bool)
+    if slot >= 0:
+        check_close(flat_k[slot], k_two.view(-1, kv_heads, head_dim)[slot], dtype, "k vs separate kernels")
+        check_close(flat_v[slot], v_two.view(-1, kv_heads, head_dim)[slot], dtype, "v vs separate kernels")
+        assert rel_err(flat_k[slot], k_ref.view(-1, kv_heads, head_dim)[slot]) < 3 * TOL[dtype]
+        assert rel_err(flat_v[slot], v_ref.view(-1, kv_heads, head_dim)[slot]) < 3 * TOL[dtype]
+        others[slot] = False
+    assert torch.isnan(flat_k[others]).all() and torch.isnan(flat_v[others]).all(), "wrote outside the slot"
+    with pytest.raises(ValueError, match="even"):
+        gemv.gemv_qkv_rotary(x, w, positions, cos_sin, k_cache, v_cache, slots, q_size, kv_size, head_dim,
+                             block_n=3)
+
+
 @pytest.mark.parametrize(("head_dim", "block_size"), [(64, 16), (128, 32)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
 def test_rotary_embedding_and_cache_equals_rotary_then_write(head_dim, block_size, dtype):

@@ -72,17 +72,25 @@ def test_tp2_greedy_matches_tp1_and_hf(tiny_model_factory, tp_llms, arch, overri
         assert out == hf_greedy(hf, p, 16), f"prompt of {len(p)} tokens"
 
 
-def test_tp2_interleaved_gate_up_matches_hf(tiny_model_factory, tp_llms, monkeypatch):
-    """PAGEDSERVE_FUSED_SILU=1: every rank loads its gate and up shards with rows alternating (the layout the
-    GEMV's SiLU epilogue needs on CUDA; here the interleaved silu_and_mul); greedy outputs stay HF's."""
+@pytest.mark.parametrize(("knob", "arch"), [("FUSED_SILU", "llama"), ("FUSED_ROTARY", "llama"),
+                                           ("FUSED_ROTARY", "qwen2"), ("FUSED_ROTARY", "qwen3")])
+def test_tp2_fused_layouts_match_hf(tiny_model_factory, tp_llms, monkeypatch, knob, arch):
+    """The load-time layouts of the experiment knobs, on every rank: PAGEDSERVE_FUSED_SILU (gate and up rows
+    alternating; the interleaved silu_and_mul here, the GEMV's SiLU epilogue on CUDA) and PAGEDSERVE_FUSED_ROTARY
+    (q and k heads paired, with and without q/k/v biases; the paired rotary here, the GEMV's rotary epilogue on
+    CUDA; not for qwen3, whose per-head q/k norms keep the usual layout). Greedy outputs stay HF's."""
     from pagedserve import kernels
 
-    monkeypatch.setenv("PAGEDSERVE_FUSED_SILU", "1")  # the worker reads it at import
-    monkeypatch.setattr(kernels, "FUSED_SILU", True)  # rank 0, in this process
-    path, hf, tok = tiny_model_factory("llama")
+    monkeypatch.setenv(f"PAGEDSERVE_{knob}", "1")  # the worker reads it at import
+    monkeypatch.setattr(kernels, knob, True)  # rank 0, in this process
+    path, hf, tok = tiny_model_factory(arch)
     prompts = random_prompts(len(tok), [1, 9, 17], seed=22)
     llm = tp_llms(path, num_kv_cache_tokens=2048, tensor_parallel_size=2)
-    assert llm.engine.runner.model.model.layers[0].mlp.gate_up_proj.interleave
+    layer = llm.engine.runner.model.model.layers[0]
+    if knob == "FUSED_SILU":
+        assert layer.mlp.gate_up_proj.interleave
+    else:
+        assert layer.self_attn.paired == (arch != "qwen3")
     for p, out in zip(prompts, generate_ids(llm, prompts, 12), strict=True):
         assert out == hf_greedy(hf, p, 12), f"prompt of {len(p)} tokens"
 

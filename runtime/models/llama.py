@@ -38,8 +38,12 @@ class LlamaAttention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         bias = getattr(config, "attention_bias", self.qkv_bias_default) or self.qkv_bias_default
+        # PAGEDSERVE_FUSED_ROTARY: heads paired for the qkv GEMV's rotary epilogue (not with per-head q/k norms,
+        # whose weights would need the same order).
+        self.paired = kernels.FUSED_ROTARY and not self.qk_norm_default
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, self.head_dim, config.num_attention_heads, num_kv_heads, bias, tp
+            config.hidden_size, self.head_dim, config.num_attention_heads, num_kv_heads, bias, tp,
+            paired=self.paired,
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
@@ -56,6 +60,14 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | None) -> torch.Tensor:
+        attn = self.attn
+        if self.paired and meta is not None and attn.k_cache is not None and x.shape[0] == 1:
+            q = kernels.qkv_rotary_cache(x, self.qkv_proj.weight, self.qkv_proj.bias, positions, self.cos_sin_cache,
+                                         attn.k_cache, attn.v_cache, meta.slot_mapping, self.q_size, self.kv_size,
+                                         self.head_dim)
+            if q is not None:  # projected, rotated, K/V cached in one kernel
+                out = attn.attend(q.view(1, self.num_heads, self.head_dim), meta)
+                return self.o_proj(out.reshape(-1, self.q_size))
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
@@ -64,14 +76,13 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        attn = self.attn
         if meta is not None and attn.k_cache is not None:
             # Rotary and the cache write of this step's K/V in one kernel, then attention over the cache.
             q = kernels.rotary_embedding_and_cache(positions, q, k, v, self.cos_sin_cache, attn.k_cache,
-                                                   attn.v_cache, meta.slot_mapping)
+                                                   attn.v_cache, meta.slot_mapping, self.paired)
             out = attn.attend(q, meta)
         else:
-            q, k = kernels.rotary_embedding(positions, q, k, self.cos_sin_cache)
+            q, k = kernels.rotary_embedding(positions, q, k, self.cos_sin_cache, self.paired)
             out = attn(q, k, v, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
