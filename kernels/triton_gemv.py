@@ -84,8 +84,10 @@ def _gemv_qkv_rotary_kernel(
 ):
     """One token's fused q|k|v projection whose q and k heads are stored as pairs (reference.pair_heads, as
     PAGEDSERVE_FUSED_ROTARY loads them), so each pair of a program's rows is one rotation: the epilogue rotates
-    q into ``q_ptr`` and k straight into the paged cache at the token's slot, and copies v into its cache, with
-    the roundings of the GEMV followed by ``rotary_embedding_and_cache(paired=True)``."""
+    q into ``q_ptr`` and k straight into the paged cache at the token's slot, and copies v into its cache. The
+    rotation rounds as ``rotary_embedding_and_cache(paired=True)`` does, which needs fp fusion off (with it
+    ptxas gets a bf16 FMA there); that also keeps the loop's products and sums apart, so the fp32 sums may
+    differ from the plain GEMV's in their last bits."""
     n, n_mask, acc = _gemv_rows(x_ptr, w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, PRE_K, PDL)
     dtype = q_ptr.dtype.element_ty
     x1, x2 = tl.split(tl.reshape(acc.to(dtype).to(tl.float32), [BLOCK_N // 2, 2]))

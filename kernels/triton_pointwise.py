@@ -285,7 +285,8 @@ def _argmax_split_kernel(x_ptr, val_ptr, idx_ptr, V, stride_x, SPLITS, BLOCK: tl
     cols = split * BLOCK + tl.arange(0, BLOCK)
     mask = cols < V
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    x = tl.where(x != x, float("inf"), x)  # NaN counts as the largest (torch picks a NaN too; any is garbage)
+    # NaN counts as +inf: the first NaN or +inf wins where torch takes the first NaN (either is garbage).
+    x = tl.where(x != x, float("inf"), x)
     m = tl.max(x, 0)
     first = tl.min(tl.where(x == m, cols, 2147483647), 0)
     tl.store(val_ptr + row * SPLITS + split, m)

@@ -29,6 +29,42 @@ def test_cuda_fp32_greedy_matches_hf(tiny_model_factory, arch):
         assert o.outputs[0].token_ids == hf_greedy(hf, p, 24)
 
 
+@pytest.mark.parametrize("knobs", [("FUSED_ROTARY",), ("FUSED_SILU",), ("FUSED_ROTARY", "FUSED_SILU", "ARGMAX")])
+def test_cuda_fused_batch1_paths_match_hf(tiny_model_factory, monkeypatch, knobs):
+    """The experiment knobs on the GPU, one prompt at a time so decode runs the batch-1 CUDA graph: the GEMV's
+    rotary + KV-write epilogue and SiLU epilogue (counted, so a path not taken fails) and the Triton argmax;
+    fp32 greedy tokens equal HF's."""
+    from pagedserve import kernels
+    from pagedserve.kernels import triton_gemv
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for knob in knobs:
+        if knob == "ARGMAX":
+            monkeypatch.setattr(kernels, "_ARGMAX", "triton")
+        else:
+            monkeypatch.setattr(kernels, knob, True)  # read when the model is built
+    calls = {"rotary": 0, "silu": 0}
+    real_rotary, real_gemv = triton_gemv.gemv_qkv_rotary, triton_gemv.gemv
+
+    def counted_rotary(*a, **kw):
+        calls["rotary"] += 1
+        return real_rotary(*a, **kw)
+
+    def counted_gemv(*a, **kw):
+        calls["silu"] += bool(kw.get("silu"))
+        return real_gemv(*a, **kw)
+
+    monkeypatch.setattr(triton_gemv, "gemv_qkv_rotary", counted_rotary)
+    monkeypatch.setattr(triton_gemv, "gemv", counted_gemv)
+    path, hf, tok = tiny_model_factory("llama")
+    llm = LLM(path, device="cuda", dtype="float32", num_kv_cache_tokens=8192, max_model_len=256)
+    for p in prompts(len(tok), [1, 9, 40], seed=4):
+        out = llm.generate([{"prompt_token_ids": p}], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+        assert out[0].outputs[0].token_ids == hf_greedy(hf, p, 16), f"prompt of {len(p)} tokens"
+    assert calls["rotary"] > 0 if "FUSED_ROTARY" in knobs else calls["rotary"] == 0
+    assert calls["silu"] > 0 if "FUSED_SILU" in knobs else calls["silu"] == 0
+
+
 def test_cuda_graph_decode_equals_eager(tiny_model_factory):
     path, _, tok = tiny_model_factory("llama")
     ps = prompts(len(tok), [3, 20, 33, 7, 50, 12], seed=2)

@@ -159,3 +159,22 @@ def test_stop_token_ids_min_tokens_max_tokens_and_logit_bias(llm_and_tok):
     assert short.token_ids == full.token_ids[:3] and short.finish_reason == "length"
     biased = greedy(llm, prompt, max_tokens=5, logit_bias={42: 100.0})
     assert biased.token_ids == [42] * 5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_greedy_ids_from_the_logits_own_dtype_equal_the_fp32_copy(dtype):
+    """All-greedy rows without logit processing take argmax on the logits as they come (no fp32 copy): the same
+    ids as the fp32 copy's argmax, with ties (first wins), -0.0 against 0.0, infinities and NaN."""
+    vocab = 300
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, vocab, generator=gen).to(dtype)
+    logits[0, [10, 200]] = 9.0  # a tie
+    logits[1, :] = 0.0
+    logits[1, 7] = -0.0
+    logits[2, 50] = float("inf")
+    logits[3, 60] = float("nan")
+    logits[4, :] = float("-inf")
+    rows = [SamplingRow(SamplingParams(temperature=0.0), None, [], [], [])] * 6
+    got = Sampler(vocab, torch.device("cpu")).sample_ids(logits, rows)
+    assert got.tolist() == logits.float().argmax(dim=-1).tolist()
+    assert got.tolist()[:5] == [10, 0, 50, 60, 0]
