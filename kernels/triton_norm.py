@@ -103,6 +103,17 @@ def fused_add_rms_norm(
 
 
 @triton.jit
+def _tp_row(x_ptr, stride_x, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """The tensor-parallel norms' prologue: after the PDL wait, this program's row of partial sums."""
+    pdl_begin(PDL)
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+    return row, cols, mask, x
+
+
+@triton.jit
 def _tp_add_rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, buffer_ptrs, signal_ptrs,
     slot_offset, region_numel, flag_offset, n_cols, eps, stride_x, stride_r,
@@ -112,12 +123,8 @@ def _tp_add_rms_norm_kernel(
     other rank, sum the partials in rank order (so every rank gets the same bits), then residual add + RMSNorm
     as above. Pushing (stores over NVLink, which the sender does not wait for) and reading the peers' rows
     from local memory costs one one-way trip instead of a remote load's round trip."""
-    pdl_begin(PDL)
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
+    row, cols, mask, x = _tp_row(x_ptr, stride_x, n_cols, BLOCK, PDL)
     elem = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
     # This slot holds one region per source rank; this rank writes its row into its own region on every peer.
     row_off = slot_offset + row.to(tl.int64) * n_cols
     for r in tl.static_range(WORLD):
@@ -188,12 +195,8 @@ def _tp_add_rms_norm_ll_kernel(
     start zeroed, and the first epoch is 1), never equal to the current one, including across the wrap. Slot
     reuse follows the flag version's argument: a rank writes a slot again only two calls later, after every
     peer has finished the call that read it."""
-    pdl_begin(PDL)
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
+    row, cols, mask, x = _tp_row(x_ptr, stride_x, n_cols, BLOCK, PDL)
     elem = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
     epoch = (tl.load(epoch_ptr + epoch_offset + row) + 1) & 0xFFFF
     word = (epoch << 16) | (x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
     row_off = slot_offset + row.to(tl.int64) * row_words
