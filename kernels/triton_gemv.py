@@ -59,6 +59,12 @@ def _gemv_rows(x_ptr, w_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl
 
 
 @triton.jit
+def _row_pairs(acc, dtype, BLOCK_N: tl.constexpr):
+    """A program's sums rounded to the output dtype (as a GEMV stores them), as (even rows, odd rows) in fp32."""
+    return tl.split(tl.reshape(acc.to(dtype).to(tl.float32), [BLOCK_N // 2, 2]))
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  PRE_K: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
     n, n_mask, acc = _gemv_rows(x_ptr, w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, PRE_K, PDL)
@@ -67,7 +73,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BL
     if SILU:
         # w's rows alternate gate, up (a fused gate/up projection loaded interleaved): each pair of outputs
         # becomes silu(gate) * up, rounded as the separate GEMV and silu_and_mul kernels round them.
-        gate, up = tl.split(tl.reshape(acc.to(dtype).to(tl.float32), [BLOCK_N // 2, 2]))
+        gate, up = _row_pairs(acc, dtype, BLOCK_N)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
         h = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         tl.store(y_ptr + h, (silu * up).to(dtype), mask=h < N // 2)
@@ -90,7 +96,7 @@ def _gemv_qkv_rotary_kernel(
     differ from the plain GEMV's in their last bits."""
     n, n_mask, acc = _gemv_rows(x_ptr, w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, PRE_K, PDL)
     dtype = q_ptr.dtype.element_ty
-    x1, x2 = tl.split(tl.reshape(acc.to(dtype).to(tl.float32), [BLOCK_N // 2, 2]))
+    x1, x2 = _row_pairs(acc, dtype, BLOCK_N)
     first = tl.program_id(0) * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)  # the pair's first row
     ok = first < N
     j = (first % HEAD_DIM) // 2  # the pair's frequency

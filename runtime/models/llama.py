@@ -61,13 +61,20 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | None) -> torch.Tensor:
         attn = self.attn
+        q = None
         if self.paired and meta is not None and attn.k_cache is not None and x.shape[0] == 1:
+            # projected, rotated and K/V cached in one kernel; None where the GEMV does not take the product
             q = kernels.qkv_rotary_cache(x, self.qkv_proj.weight, self.qkv_proj.bias, positions, self.cos_sin_cache,
                                          attn.k_cache, attn.v_cache, meta.slot_mapping, self.q_size, self.kv_size,
                                          self.head_dim)
-            if q is not None:  # projected, rotated, K/V cached in one kernel
-                out = attn.attend(q.view(1, self.num_heads, self.head_dim), meta)
-                return self.o_proj(out.reshape(-1, self.q_size))
+        if q is not None:
+            out = attn.attend(q.view(1, self.num_heads, self.head_dim), meta)
+        else:
+            out = self._project_and_attend(positions, x, meta)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+    def _project_and_attend(self, positions, x, meta):
+        attn = self.attn
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
@@ -80,11 +87,9 @@ class LlamaAttention(nn.Module):
             # Rotary and the cache write of this step's K/V in one kernel, then attention over the cache.
             q = kernels.rotary_embedding_and_cache(positions, q, k, v, self.cos_sin_cache, attn.k_cache,
                                                    attn.v_cache, meta.slot_mapping, self.paired)
-            out = attn.attend(q, meta)
-        else:
-            q, k = kernels.rotary_embedding(positions, q, k, self.cos_sin_cache, self.paired)
-            out = attn(q, k, v, meta)
-        return self.o_proj(out.reshape(-1, self.q_size))
+            return attn.attend(q, meta)
+        q, k = kernels.rotary_embedding(positions, q, k, self.cos_sin_cache, self.paired)
+        return attn(q, k, v, meta)
 
 
 class LlamaMLP(nn.Module):
