@@ -11,7 +11,9 @@ Measures, in one run on one GPU:
 - with ``--sweep``, a few tile configurations of both kernels at the shapes that matter for the targets.
 
 Every timing is ``triton.testing.do_bench``'s median (it clears L2 before each run) of a CUDA-graph replay,
-cycling through several input sets when one set is smaller than 4x L2. Prints a table last and writes JSON.
+cycling through several input sets when one set is smaller than 4x L2. The copy, the default decode kernel and
+SDPA's decode are also timed back to back (``time_ms_stream``: many calls in one graph), which spreads the graph
+launch and the write-back of the L2 flush's dirty lines over many calls. Prints a table last and writes JSON.
 
     PYTHONPATH=/tmp/pp python bench/bench_kernels.py --sweep --json bench/results/kernels_h100.json
 """
@@ -65,6 +67,21 @@ def time_ms(fns) -> float:
     return float(do_bench(lambda: next(cycle).replay(), warmup=25, rep=150, return_mode="median"))
 
 
+def time_ms_stream(fns, bytes_per_call: int, min_bytes: int = 4 << 30) -> float:
+    """ms of one call at steady state: one CUDA graph holding the calls back to back (passes over the rotated
+    input sets until ``min_bytes`` have moved, at least 8 calls), ``do_bench``'s median replay divided by the
+    number of calls. ``time_ms`` charges each call with a graph launch and with writing back the dirty lines
+    ``do_bench``'s L2 flush leaves behind (up to an L2 of bytes); here both are spread over many calls, as a
+    model's 32 layers see them. Pass at least two input sets larger than L2 so no call reads the last one's."""
+    for fn in fns:
+        fn()
+    calls = max(8, len(fns), -(-min_bytes // max(1, bytes_per_call)))
+    passes = -(-calls // len(fns))
+    graph = graph_of(lambda: [fn() for _ in range(passes) for fn in fns])
+    ms = float(do_bench(graph.replay, warmup=25, rep=200, return_mode="median"))
+    return ms / (passes * len(fns))
+
+
 def rotations(bytes_per_set: int, l2_bytes: int) -> int:
     return max(1, min(16, math.ceil(4 * l2_bytes / max(1, bytes_per_set))))
 
@@ -79,6 +96,7 @@ def measure_ceilings() -> dict:
     src = torch.randn(n, device="cuda", dtype=DTYPE)
     dst = torch.empty_like(src)
     copy_ms = float(do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median"))
+    copy_stream_ms = time_ms_stream([lambda: dst.copy_(src)], 2 * 2 * n)
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=DTYPE)
     b = torch.randn(m, m, device="cuda", dtype=DTYPE)
@@ -87,6 +105,8 @@ def measure_ceilings() -> dict:
         "copy_bytes": 2 * 2 * n,
         "copy_ms": copy_ms,
         "copy_gbs": 2 * 2 * n / copy_ms / 1e6,
+        "copy_stream_ms": copy_stream_ms,
+        "copy_stream_gbs": 2 * 2 * n / copy_stream_ms / 1e6,
         "matmul_shape": [m, m, m],
         "matmul_ms": mm_ms,
         "matmul_tflops": 2 * m**3 / mm_ms / 1e9,
@@ -135,11 +155,11 @@ def kv_bytes(batch: int, seq_len: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ decode
-def decode_case(batch: int, ctx: int, l2: int, configs: dict[str, dict]) -> dict:
+def decode_case(batch: int, ctx: int, l2: int, configs: dict[str, dict], stream: bool = True) -> dict:
     """GB/s of each Triton config and of SDPA on contiguous K/V, over the same rotated input sets."""
     gen = torch.Generator(device="cuda").manual_seed(batch * 100003 + ctx)
     moved = kv_bytes(batch, ctx) + 2 * batch * NUM_HEADS * HEAD_DIM * DTYPE.itemsize  # + q and out
-    sets = [PagedSet(batch, ctx, 1, True, gen) for _ in range(rotations(moved, l2))]
+    sets = [PagedSet(batch, ctx, 1, True, gen) for _ in range(max(2, rotations(moved, l2)))]
     group = NUM_HEADS // NUM_KV_HEADS
     row = {"batch": batch, "ctx": ctx, "bytes": moved, "rotations": len(sets)}
 
@@ -156,6 +176,13 @@ def decode_case(batch: int, ctx: int, l2: int, configs: dict[str, dict]) -> dict
         row[f"{name}_rel_err_vs_sdpa"] = rel_err(sets[0].out, ref)
     ms = time_ms([sdpa(s) for s in sets])
     row["sdpa_ms"], row["sdpa_gbs"] = ms, moved / ms / 1e6
+    if stream:  # the default kernel and SDPA again, back to back (time_ms_stream)
+        ms = time_ms_stream([s.triton_call() for s in sets], moved)
+        row["triton_stream_ms"], row["triton_stream_gbs"] = ms, moved / ms / 1e6
+        ms = time_ms_stream([s.triton_call(pdl=False) for s in sets], moved)
+        row["no_pdl_stream_ms"], row["no_pdl_stream_gbs"] = ms, moved / ms / 1e6
+        ms = time_ms_stream([sdpa(s) for s in sets], moved)
+        row["sdpa_stream_ms"], row["sdpa_stream_gbs"] = ms, moved / ms / 1e6
     row["rel_err_vs_sdpa"] = row.pop("triton_rel_err_vs_sdpa")
     del sets
     torch.cuda.empty_cache()
@@ -313,7 +340,7 @@ def guarded(results: dict, label: str, fn):
 
 def best_variant(row: dict, suffix: str) -> str:
     """The fastest swept configuration of a row, as 'name value' (empty without a sweep)."""
-    skip = {f"triton{suffix}", f"sdpa{suffix}", f"sdpa_flash{suffix}"}
+    skip = {f"{name}{suffix}" for name in ("triton", "sdpa", "sdpa_flash", "triton_stream", "sdpa_stream", "no_pdl_stream")}
     swept = {k[: -len(suffix)]: v for k, v in row.items() if k.endswith(suffix) and k not in skip}
     if not swept:
         return ""
@@ -325,12 +352,21 @@ def print_table(res: dict) -> None:
     ceil = res.get("ceilings", {})
     copy = ceil.get("copy_gbs", float("nan"))
     print(f"\n{res['versions']['gpu']}  torch {res['versions']['torch']}  triton {res['versions']['triton']}")
-    print(f"ceilings: copy {copy:,.0f} GB/s   bf16 matmul {ceil.get('matmul_tflops', float('nan')):,.0f} TFLOP/s")
-    print("decode (GB/s of K/V+q+out)   batch   ctx   triton  %copy    sdpa  triton/sdpa  err        no PDL")
+    copy_stream = ceil.get("copy_stream_gbs", float("nan"))
+    print(f"ceilings: copy {copy:,.0f} GB/s (back to back: {copy_stream:,.0f})   "
+          f"bf16 matmul {ceil.get('matmul_tflops', float('nan')):,.0f} TFLOP/s")
+    print("decode (GB/s of K/V+q+out)   batch   ctx   triton  %copy    sdpa  triton/sdpa  err        no PDL"
+          "   | back to back: triton %copy    sdpa  triton/sdpa")
+    # The back-to-back copy runs as a graph memcpy node (copy engines, not SM kernels): slower than the copy
+    # kernel do_bench times, so both %copy columns divide by do_bench's copy.
+    nan = float("nan")
     for r in res.get("decode", []):
         t, s = r["triton_gbs"], r["sdpa_gbs"]
+        ts, ss = r.get("triton_stream_gbs", nan), r.get("sdpa_stream_gbs", nan)
         print(f"{'':29}{r['batch']:>5} {r['ctx']:>5} {t:8,.0f} {100 * t / copy:5.1f}% {s:7,.0f} "
-              f"{t / s:8.2f}x  {r['rel_err_vs_sdpa']:.1e}  {r.get('no_pdl_gbs', float('nan')):8,.0f}"
+              f"{t / s:8.2f}x  {r['rel_err_vs_sdpa']:.1e}  {r.get('no_pdl_gbs', nan):8,.0f}"
+              f"   | {ts:8,.0f} {100 * ts / copy:5.1f}% {ss:7,.0f} {ts / ss:8.2f}x"
+              f" no PDL {r.get('no_pdl_stream_gbs', nan):7,.0f}"
               f"{best_variant(r, '_gbs')}")
     print("prefill (TFLOP/s, causal)    batch  seq_len q_len  triton  sdpa-flash  ratio")
     for r in res.get("prefill", []):
@@ -344,6 +380,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="output path (default bench/results/kernels_<gpu>.json)")
     parser.add_argument("--sweep", action="store_true", help="also time a few tile configurations")
+    parser.add_argument("--decode-only", action="store_true", help="skip the prefill shapes")
+    parser.add_argument("--decode-shapes", default="1x512,1x2048,1x8192,32x512,32x2048,32x8192,128x512,128x2048,128x8192",
+                        help="decode shapes as BATCHxCONTEXT, comma-separated")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
@@ -362,7 +401,7 @@ def main() -> None:
 
     def decode_all():
         rows = []
-        for batch, ctx in itertools.product((1, 32, 128), (512, 2048, 8192)):
+        for batch, ctx in (tuple(int(v) for v in shape.split("x")) for shape in args.decode_shapes.split(",")):
             # The default next to the same kernels launched without programmatic dependent launch, same run.
             configs = {"triton": {}, "no_pdl": dict(pdl=False)}
             if args.sweep and batch >= 32 and ctx >= 2048:
@@ -387,7 +426,7 @@ def main() -> None:
         return rows
 
     res["decode"] = decode_all()
-    res["prefill"] = prefill_all()
+    res["prefill"] = [] if args.decode_only else prefill_all()
     res["kernel_resources"] = guarded(res, "kernel_resources", kernel_resources)
     path = args.json or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"kernels_{gpu_slug(res['versions']['gpu'])}.json"
