@@ -117,12 +117,18 @@ def measure_ceilings() -> dict:
 class PagedSet:
     """One input set: packed q, a paged cache with shuffled block ids, and the same K/V contiguous."""
 
-    def __init__(self, batch: int, seq_len: int, q_len: int, contiguous: bool, gen: torch.Generator):
+    def __init__(self, batch: int, seq_len: int, q_len: int, contiguous: bool, gen: torch.Generator,
+                 heads_outer: bool = False):
         blocks_per_seq = -(-seq_len // BLOCK_SIZE)
         num_blocks = batch * blocks_per_seq
         shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-        self.k_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
-        self.v_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+        if heads_outer:  # [blocks, kv_heads, block_size, head_dim] in memory: each (block, head) one 4 KB run
+            alloc = (num_blocks, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM)
+            self.k_cache = torch.randn(alloc, device="cuda", dtype=DTYPE, generator=gen).transpose(1, 2)
+            self.v_cache = torch.randn(alloc, device="cuda", dtype=DTYPE, generator=gen).transpose(1, 2)
+        else:
+            self.k_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+            self.v_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
         ids = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32)
         self.block_tables = ids.view(batch, blocks_per_seq).contiguous()
         self.seq_lens = torch.full((batch,), seq_len, device="cuda", dtype=torch.int32)
@@ -140,6 +146,24 @@ class PagedSet:
         flat = blocks.reshape(self.batch, -1, NUM_KV_HEADS, HEAD_DIM)[:, : self.seq_len]
         return flat.permute(0, 2, 1, 3).contiguous()
 
+    def kv_write_then(self, **launch_kwargs):
+        """This step's K/V written into the cache (a short PDL kernel), then the attention call."""
+        from pagedserve.kernels import pdl, triton_pointwise
+
+        key = torch.randn(self.batch, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        slots = (self.block_tables[:, -1].long() * BLOCK_SIZE).contiguous()
+        attend = self.triton_call(**launch_kwargs)
+
+        def call():
+            pdl.set_enabled(launch_kwargs.get("pdl", True))
+            try:
+                triton_pointwise.write_kv_cache(key, key, self.k_cache, self.v_cache, slots)
+            finally:
+                pdl.set_enabled(None)
+            attend()
+
+        return call
+
     def triton_call(self, **launch_kwargs):
         def call():
             attn.paged_attention_launch(
@@ -155,7 +179,8 @@ def kv_bytes(batch: int, seq_len: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ decode
-def decode_case(batch: int, ctx: int, l2: int, configs: dict[str, dict], stream: bool = True) -> dict:
+def decode_case(batch: int, ctx: int, l2: int, configs: dict[str, dict], stream: bool = True,
+                heads_outer: bool = False) -> dict:
     """GB/s of each Triton config and of SDPA on contiguous K/V, over the same rotated input sets."""
     gen = torch.Generator(device="cuda").manual_seed(batch * 100003 + ctx)
     moved = kv_bytes(batch, ctx) + 2 * batch * NUM_HEADS * HEAD_DIM * DTYPE.itemsize  # + q and out
@@ -181,9 +206,28 @@ def decode_case(batch: int, ctx: int, l2: int, configs: dict[str, dict], stream:
         row["triton_stream_ms"], row["triton_stream_gbs"] = ms, moved / ms / 1e6
         ms = time_ms_stream([s.triton_call(pdl=False) for s in sets], moved)
         row["no_pdl_stream_ms"], row["no_pdl_stream_gbs"] = ms, moved / ms / 1e6
+        ms = time_ms_stream([s.triton_call(dec_early=False) for s in sets], moved)
+        row["late_stream_ms"], row["late_stream_gbs"] = ms, moved / ms / 1e6
+        # As in a model: each attention call right after a short PDL kernel (the K/V write of this step's
+        # tokens), all PDL / decode kernel launched late / no PDL.
+        for name, kw in (("kvw", {}), ("kvw_late", dict(dec_early=False)), ("kvw_no_pdl", dict(pdl=False))):
+            ms = time_ms_stream([s.kv_write_then(**kw) for s in sets], moved)
+            row[f"{name}_stream_ms"], row[f"{name}_stream_gbs"] = ms, moved / ms / 1e6
         ms = time_ms_stream([sdpa(s) for s in sets], moved)
         row["sdpa_stream_ms"], row["sdpa_stream_gbs"] = ms, moved / ms / 1e6
     row["rel_err_vs_sdpa"] = row.pop("triton_rel_err_vs_sdpa")
+    if heads_outer:  # the same kernel over a cache laid out [blocks, kv_heads, block_size, head_dim]
+        del sets
+        torch.cuda.empty_cache()
+        gen.manual_seed(batch * 100003 + ctx)
+        sets = [PagedSet(batch, ctx, 1, True, gen, heads_outer=True) for _ in range(max(2, rotations(moved, l2)))]
+        sets[0].out.fill_(float("nan"))
+        sets[0].triton_call()()
+        row["hnd_rel_err_vs_sdpa"] = rel_err(sets[0].out, sdpa(sets[0])().reshape(batch, NUM_HEADS, HEAD_DIM))
+        ms = time_ms([s.triton_call() for s in sets])
+        row["hnd_ms"], row["hnd_gbs"] = ms, moved / ms / 1e6
+        ms = time_ms_stream([s.triton_call() for s in sets], moved)
+        row["hnd_stream_ms"], row["hnd_stream_gbs"] = ms, moved / ms / 1e6
     del sets
     torch.cuda.empty_cache()
     return row
@@ -340,7 +384,8 @@ def guarded(results: dict, label: str, fn):
 
 def best_variant(row: dict, suffix: str) -> str:
     """The fastest swept configuration of a row, as 'name value' (empty without a sweep)."""
-    skip = {f"{name}{suffix}" for name in ("triton", "sdpa", "sdpa_flash", "triton_stream", "sdpa_stream", "no_pdl_stream")}
+    skip = {f"{name}{suffix}" for name in ("triton", "sdpa", "sdpa_flash", "triton_stream", "sdpa_stream", "no_pdl_stream", "hnd_stream", "late_stream",
+                                         "kvw_stream", "kvw_late_stream", "kvw_no_pdl_stream")}
     swept = {k[: -len(suffix)]: v for k, v in row.items() if k.endswith(suffix) and k not in skip}
     if not swept:
         return ""
@@ -381,9 +426,16 @@ def main() -> None:
     parser.add_argument("--json", help="output path (default bench/results/kernels_<gpu>.json)")
     parser.add_argument("--sweep", action="store_true", help="also time a few tile configurations")
     parser.add_argument("--decode-only", action="store_true", help="skip the prefill shapes")
+    parser.add_argument("--heads-outer", action="store_true",
+                        help="also time the default decode kernel over a [blocks, kv_heads, block_size, head_dim] cache")
+    parser.add_argument("--decode-configs", default="",
+                        help=f"named decode configurations to time at every decode shape (from {sorted(DECODE_SWEEP)})")
     parser.add_argument("--decode-shapes", default="1x512,1x2048,1x8192,32x512,32x2048,32x8192,128x512,128x2048,128x8192",
                         help="decode shapes as BATCHxCONTEXT, comma-separated")
     args = parser.parse_args()
+    unknown = sorted(set(filter(None, args.decode_configs.split(","))) - set(DECODE_SWEEP))
+    if unknown:
+        raise SystemExit(f"--decode-configs: unknown {unknown}; known: {sorted(DECODE_SWEEP)}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -406,7 +458,8 @@ def main() -> None:
             configs = {"triton": {}, "no_pdl": dict(pdl=False)}
             if args.sweep and batch >= 32 and ctx >= 2048:
                 configs.update(DECODE_SWEEP)
-            row = guarded(res, f"decode {batch}x{ctx}", lambda: decode_case(batch, ctx, l2, configs))  # noqa: B023
+            configs.update({name: DECODE_SWEEP[name] for name in args.decode_configs.split(",") if name})
+            row = guarded(res, f"decode {batch}x{ctx}", lambda: decode_case(batch, ctx, l2, configs, heads_outer=args.heads_outer))  # noqa: B023
             if row:
                 rows.append(row)
                 print("decode", row, flush=True)

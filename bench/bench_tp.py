@@ -36,7 +36,8 @@ from gpu_common import LLAMA_8B, environment, llama_param_bytes, measure_ceiling
 
 # PAGEDSERVE_* knobs a KEY=VALUE variant flag may set (a typo would otherwise measure the baseline under a
 # variant's name).
-ENV_KNOBS = {"GEMV_CONFIG", "GEMV_TABLE", "PDL", "KERNELS", "TP_ALLREDUCE", "TP_LL", "FUSED_SILU", "FUSED_ROTARY", "ARGMAX"}
+ENV_KNOBS = {"GEMV_CONFIG", "GEMV_TABLE", "PDL", "KERNELS", "TP_ALLREDUCE", "TP_LL", "FUSED_SILU", "FUSED_ROTARY", "ARGMAX",
+             "ATTN_PDL"}
 
 
 def parse_variant(text: str) -> tuple[int, set[str]]:

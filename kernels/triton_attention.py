@@ -19,6 +19,7 @@ caller passes ``max_query_len`` and ``max_seq_len``.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -27,6 +28,17 @@ import triton.language as tl
 from pagedserve.kernels.pdl import launch_kwargs, pdl_begin
 
 LOG2E = 1.4426950408889634
+
+# How decode attention uses programmatic dependent launch (kernels/pdl.py), read at import:
+#   "early" (default): the decode kernel and its merge both launch early, like every other kernel;
+#   "late": the decode kernel only starts once the kernel before it has finished (it still lets the merge
+#           launch early);
+#   "off": no attention kernel launches early or lets the next kernel launch early.
+# On an H100, decode attention called back to back ran 15-18% slower at batch 32 with "early" than with "off"
+# (bench/NOTES_kernels.md, session 7); not yet measured inside the model, so the default is unchanged.
+ATTN_PDL = os.environ.get("PAGEDSERVE_ATTN_PDL", "early")
+if ATTN_PDL not in ("early", "late", "off"):
+    raise ValueError(f"PAGEDSERVE_ATTN_PDL={ATTN_PDL!r}: expected early, late or off")
 
 
 @triton.jit
@@ -330,7 +342,8 @@ def _config(head_dim: int, interpreted: bool, max_query_len: int):
     if interpreted:
         # Small tiles so that small test shapes still cross many tile and page boundaries.
         return dict(dec_block_n=16, dec_warps=4, dec_stages=1, dec_min_partition=32, dec_programs_per_sm=4,
-                    dec_fused_merge=True, pf_block_m=16, pf_block_n=16, pf_warps=4, pf_stages=1, pdl=False)
+                    dec_fused_merge=True, pf_block_m=16, pf_block_n=16, pf_warps=4, pf_stages=1, pdl=False,
+                    dec_early=True)
     # Prefill tiles from the run-2 sweep on an H100 (bench/NOTES_kernels.md): 64x64 with 4 warps is best up
     # to a few thousand queries; 128x128 with 8 warps wins on very long prompts.
     if max_query_len <= 16:
@@ -344,7 +357,11 @@ def _config(head_dim: int, interpreted: bool, max_query_len: int):
         # 256 tokens (9.8 us per layer on an H200, latency-bound); large batches still get 1-2 splits.
         dec_block_n=64, dec_warps=4, dec_stages=3, dec_min_partition=64, dec_programs_per_sm=2,
         dec_fused_merge=False, pf_block_m=pf_block_m, pf_block_n=pf_block_n, pf_warps=pf_warps, pf_stages=3,
-        pdl=True,  # programmatic dependent launch where the device has it (kernels/pdl.py)
+        # Programmatic dependent launch where the device has it (kernels/pdl.py), unless PAGEDSERVE_ATTN_PDL=off.
+        # dec_early=False: the decode kernel still lets the merge (or the next kernel) launch early, but is
+        # itself launched only once the kernel before it has finished.
+        pdl=ATTN_PDL != "off",
+        dec_early=ATTN_PDL == "early",
     )
 
 
@@ -414,7 +431,8 @@ def paged_attention_launch(
         num_heads * num_splits * head_dim, num_splits * head_dim,
         HEAD_DIM=head_dim, GROUP_PAD=max(16, triton.next_power_of_2(group)), PAGE_SIZE=block_size,
         BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, FUSED_MERGE=fused, UPCAST_DOT=interpreted,
-        num_warps=cfg["dec_warps"], num_stages=cfg["dec_stages"], **pdl,
+        num_warps=cfg["dec_warps"], num_stages=cfg["dec_stages"],
+        **(pdl if cfg["dec_early"] or "launch_pdl" not in pdl else {**pdl, "launch_pdl": False}),
     )
     if num_splits > 1 and not fused:
         _merge_kernel[(num_seqs, num_heads)](

@@ -808,6 +808,57 @@ def test_pdl_chain_in_a_cuda_graph_equals_plain_launches():
         pdl.set_enabled(None)
 
 
+@pytest.mark.skipif(not ON_CUDA, reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("launch", [dict(), dict(dec_early=False), dict(pdl=False)], ids=["early", "late", "off"])
+def test_decode_attention_after_a_pdl_kv_write_in_a_cuda_graph(launch):
+    """Each PAGEDSERVE_ATTN_PDL mode of decode attention (several splits, so the merge runs too), captured in a
+    CUDA graph right after the PDL kernel that writes this step's K/V into the cache, gives the same bits as
+    plain eager launches on every replay with fresh K/V: a decode kernel that read the cache before the write
+    finished would see the poisoned (NaN) slots."""
+    if not pdl.enabled(DEVICE):
+        pytest.skip("PDL is not available on this GPU (needs compute capability 9.0 and triton's gdc ops)")
+    gen = generator(f"attn-pdl-{sorted(launch)}")
+    dtype, heads, kv_heads, head_dim, block_size, scale = torch.bfloat16, 16, 4, 128, 16, 0.08
+    seq_lens = [300, 1000, 77, 2049]
+    q, k_cache, v_cache, block_tables, lens, starts = make_paged_batch(
+        seq_lens, [1] * len(seq_lens), heads, kv_heads, head_dim, block_size, dtype, gen)
+    last = torch.tensor([s - 1 for s in seq_lens], device=DEVICE)
+    slots = (block_tables[torch.arange(len(seq_lens), device=DEVICE), last // block_size].long() * block_size
+             + last % block_size)
+    key = randn(len(seq_lens), kv_heads, head_dim, dtype=dtype, gen=gen)
+    value = randn(len(seq_lens), kv_heads, head_dim, dtype=dtype, gen=gen)
+    out = torch.empty_like(q)
+
+    def step(**kw):
+        pointwise.write_kv_cache(key, value, k_cache, v_cache, slots)
+        return attention.paged_attention_launch(q, k_cache, v_cache, block_tables, lens, starts, scale, out=out,
+                                                max_query_len=1, max_seq_len=max(seq_lens), decode_partition=256,
+                                                **kw)
+
+    try:
+        pdl.set_enabled(True)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(**launch)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(**launch)
+        for trial in range(5):
+            key.copy_(randn(*key.shape, dtype=dtype, gen=gen))
+            value.copy_(randn(*value.shape, dtype=dtype, gen=gen))
+            pdl.set_enabled(False)
+            want = step(pdl=False).clone()
+            for cache in (k_cache, v_cache):
+                cache.view(-1, kv_heads, head_dim)[slots] = float("nan")
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, want), f"trial {trial}: decode attention ({launch}) in the graph changed"
+    finally:
+        pdl.set_enabled(None)
+
+
 def test_dispatch_uses_triton_on_cuda_and_reference_elsewhere():
     from pagedserve import kernels
 
