@@ -83,7 +83,9 @@ def time_ms_stream(fns, bytes_per_call: int, min_bytes: int = 4 << 30) -> float:
 
 
 def rotations(bytes_per_set: int, l2_bytes: int) -> int:
-    return max(1, min(16, math.ceil(4 * l2_bytes / max(1, bytes_per_set))))
+    """Input sets to cycle through so that together they are at least 4x L2 (back to back, no call may find
+    the previous one's bytes in L2)."""
+    return max(1, min(256, math.ceil(4 * l2_bytes / max(1, bytes_per_set))))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -384,9 +386,7 @@ def guarded(results: dict, label: str, fn):
 
 def best_variant(row: dict, suffix: str) -> str:
     """The fastest swept configuration of a row, as 'name value' (empty without a sweep)."""
-    skip = {f"{name}{suffix}" for name in ("triton", "sdpa", "sdpa_flash", "triton_stream", "sdpa_stream", "no_pdl_stream", "hnd_stream", "late_stream",
-                                         "kvw_stream", "kvw_late_stream", "kvw_no_pdl_stream")}
-    swept = {k[: -len(suffix)]: v for k, v in row.items() if k.endswith(suffix) and k not in skip}
+    swept = {name: row[name + suffix] for name in (*DECODE_SWEEP, *PREFILL_SWEEP) if name + suffix in row}
     if not swept:
         return ""
     name = max(swept, key=swept.get)

@@ -34,8 +34,9 @@ LOG2E = 1.4426950408889634
 #   "late": the decode kernel only starts once the kernel before it has finished (it still lets the merge
 #           launch early);
 #   "off": no attention kernel launches early or lets the next kernel launch early.
-# On an H100, decode attention called back to back ran 15-18% slower at batch 32 with "early" than with "off"
-# (bench/NOTES_kernels.md, session 7); not yet measured inside the model, so the default is unchanged.
+# On an H100, decode attention called back to back read 15-16% fewer GB/s at batch 32 with "early" than with
+# "off" (bench/NOTES_kernels.md, session 7); not yet measured inside the model, so the default is unchanged.
+# With "late", prefill still launches early (a decode kernel after it in the same call waits for it to finish).
 ATTN_PDL = os.environ.get("PAGEDSERVE_ATTN_PDL", "early")
 if ATTN_PDL not in ("early", "late", "off"):
     raise ValueError(f"PAGEDSERVE_ATTN_PDL={ATTN_PDL!r}: expected early, late or off")

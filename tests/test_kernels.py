@@ -814,7 +814,8 @@ def test_decode_attention_after_a_pdl_kv_write_in_a_cuda_graph(launch):
     """Each PAGEDSERVE_ATTN_PDL mode of decode attention (several splits, so the merge runs too), captured in a
     CUDA graph right after the PDL kernel that writes this step's K/V into the cache, gives the same bits as
     plain eager launches on every replay with fresh K/V: a decode kernel that read the cache before the write
-    finished would see the poisoned (NaN) slots."""
+    finished would see the poisoned (NaN) slots. (The write is a short kernel, so a missing wait is caught only
+    when the race is lost; an output the graph did not write is always caught.)"""
     if not pdl.enabled(DEVICE):
         pytest.skip("PDL is not available on this GPU (needs compute capability 9.0 and triton's gdc ops)")
     gen = generator(f"attn-pdl-{sorted(launch)}")
@@ -852,6 +853,7 @@ def test_decode_attention_after_a_pdl_kv_write_in_a_cuda_graph(launch):
             want = step(pdl=False).clone()
             for cache in (k_cache, v_cache):
                 cache.view(-1, kv_heads, head_dim)[slots] = float("nan")
+            out.fill_(float("nan"))  # the graph writes the same buffer the eager reference did
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, want), f"trial {trial}: decode attention ({launch}) in the graph changed"
