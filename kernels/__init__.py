@@ -8,6 +8,26 @@ See ``reference.py`` for the tensor layouts every implementation shares.
 
 from __future__ import annotations
 
+if __name__ == "kernels":
+    # This folder is ``pagedserve.kernels`` (pyproject's package-dir). With the repository root on sys.path
+    # (``python -m`` run from the root puts it there) Python also finds it as a top-level ``kernels``, which
+    # shadows Hugging Face's ``kernels`` distribution: transformers >= 5.25 depends on it and imports it
+    # (``from kernels import CUDAProperties``). Hand the name to an installed distribution when there is one;
+    # the rest of this file then runs in a module object nobody keeps (its imports are absolute).
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _here = _os.path.realpath(_os.path.dirname(__file__))
+    _root = _os.path.dirname(_here)
+    _path = [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root]
+    _spec = _machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is not None and _spec.origin and _os.path.realpath(_os.path.dirname(_spec.origin)) != _here:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # what this import returns, as it is re-read after this file runs
+        _spec.loader.exec_module(_module)
+
 import json
 import os
 
