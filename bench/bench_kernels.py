@@ -183,8 +183,7 @@ def kv_bytes(batch: int, seq_len: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ decode
-def decode_case(batch: int, ctx: int, l2: int, configs: dict[str, dict], stream: bool = True,
-                heads_outer: bool = False) -> dict:
+def decode_case(batch: int, ctx: int, l2: int, configs: dict[str, dict], heads_outer: bool = False) -> dict:
     """GB/s of each Triton config and of SDPA on contiguous K/V, over the same rotated input sets."""
     gen = torch.Generator(device="cuda").manual_seed(batch * 100003 + ctx)
     moved = kv_bytes(batch, ctx) + 2 * batch * NUM_HEADS * HEAD_DIM * DTYPE.itemsize  # + q and out
@@ -205,20 +204,21 @@ def decode_case(batch: int, ctx: int, l2: int, configs: dict[str, dict], stream:
         row[f"{name}_rel_err_vs_sdpa"] = rel_err(sets[0].out, ref)
     ms = time_ms([sdpa(s) for s in sets])
     row["sdpa_ms"], row["sdpa_gbs"] = ms, moved / ms / 1e6
-    if stream:  # the default kernel and SDPA again, back to back (time_ms_stream)
-        ms = time_ms_stream([s.triton_call() for s in sets], moved)
-        row["triton_stream_ms"], row["triton_stream_gbs"] = ms, moved / ms / 1e6
-        ms = time_ms_stream([s.triton_call(pdl=False) for s in sets], moved)
-        row["no_pdl_stream_ms"], row["no_pdl_stream_gbs"] = ms, moved / ms / 1e6
-        ms = time_ms_stream([s.triton_call(dec_early=False) for s in sets], moved)
-        row["late_stream_ms"], row["late_stream_gbs"] = ms, moved / ms / 1e6
-        # As in a model: each attention call right after a short PDL kernel (the K/V write of this step's
-        # tokens), all PDL / decode kernel launched late / no PDL.
-        for name, kw in (("kvw", {}), ("kvw_late", dict(dec_early=False)), ("kvw_no_pdl", dict(pdl=False))):
-            ms = time_ms_stream([s.kv_write_then(**kw) for s in sets], moved)
-            row[f"{name}_stream_ms"], row[f"{name}_stream_gbs"] = ms, moved / ms / 1e6
-        ms = time_ms_stream([sdpa(s) for s in sets], moved)
-        row["sdpa_stream_ms"], row["sdpa_stream_gbs"] = ms, moved / ms / 1e6
+    # Back to back (time_ms_stream): the default kernel, without PDL, with the decode kernel launched late; then
+    # as in a model, each attention call right after a short PDL kernel (this step's K/V write) in the same three
+    # modes; and SDPA.
+    stream = {
+        "triton": [s.triton_call() for s in sets],
+        "no_pdl": [s.triton_call(pdl=False) for s in sets],
+        "late": [s.triton_call(dec_early=False) for s in sets],
+        "kvw": [s.kv_write_then() for s in sets],
+        "kvw_late": [s.kv_write_then(dec_early=False) for s in sets],
+        "kvw_no_pdl": [s.kv_write_then(pdl=False) for s in sets],
+        "sdpa": [sdpa(s) for s in sets],
+    }
+    for name, fns in stream.items():
+        ms = time_ms_stream(fns, moved)
+        row[f"{name}_stream_ms"], row[f"{name}_stream_gbs"] = ms, moved / ms / 1e6
     row["rel_err_vs_sdpa"] = row.pop("triton_rel_err_vs_sdpa")
     if heads_outer:  # the same kernel over a cache laid out [blocks, kv_heads, block_size, head_dim]
         del sets

@@ -423,6 +423,8 @@ def paged_attention_launch(
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
+    # dec_early=False: keep the PDL instructions (the merge may still launch early) but not the early launch.
+    dec_pdl = {**pdl, "launch_pdl": False} if not cfg["dec_early"] and "launch_pdl" in pdl else pdl
     counter = _split_counters(num_seqs * num_kv_heads, q.device) if num_splits > 1 and fused else out
     _decode_kernel[(num_kv_heads, num_splits, num_seqs)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse, counter,
@@ -432,8 +434,7 @@ def paged_attention_launch(
         num_heads * num_splits * head_dim, num_splits * head_dim,
         HEAD_DIM=head_dim, GROUP_PAD=max(16, triton.next_power_of_2(group)), PAGE_SIZE=block_size,
         BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, FUSED_MERGE=fused, UPCAST_DOT=interpreted,
-        num_warps=cfg["dec_warps"], num_stages=cfg["dec_stages"],
-        **(pdl if cfg["dec_early"] or "launch_pdl" not in pdl else {**pdl, "launch_pdl": False}),
+        num_warps=cfg["dec_warps"], num_stages=cfg["dec_stages"], **dec_pdl,
     )
     if num_splits > 1 and not fused:
         _merge_kernel[(num_seqs, num_heads)](
