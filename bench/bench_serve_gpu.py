@@ -7,8 +7,14 @@ Model: Llama-3.1-8B-shaped random bf16 weights (gpu_common.write_random_llama), 
 Workload (runtime/workloads.py, seeded): random token prompts, input and output lengths uniform in
 mean * [1 - r, 1 + r], ignore_eos; run once with every request at t=0 (throughput) and once with Poisson
 arrivals at --rate (latency under load). The server's output tokens/s at t=0 is reported as a fraction of
-the offline engine's on the same requests: the cost of HTTP, SSE, the asyncio front end and the engine
-thread hand-off.
+the offline engine's on the same requests: the cost of HTTP, SSE, the asyncio front end and the hand-off to
+the engine. ``--variants`` runs the server once per set of extra flags (default: the engine core in its own
+process, then on a thread of the server process), each against the same offline ceiling.
+
+On this CPU machine, as a check of the script and of the two front ends:
+
+    .venv/bin/python bench/bench_serve_gpu.py --tiny --device cpu --model-dir /tmp/tiny_serve \
+        --num-prompts 64 --input-len 64 --output-len 64 --max-num-seqs 64 --max-model-len 512 --rate 20
 """
 
 from __future__ import annotations
@@ -52,6 +58,35 @@ def _bench_args(base_url: str, rate: float, num: int, concurrency: int) -> argpa
                          "--max-concurrency", str(concurrency), "--timeout", "1200"])
 
 
+def _serve_runs(cmd: list[str], base: str, args, requests) -> dict:
+    """Start the server, run the t=0 and Poisson loads, SIGTERM it; the runs and the server's metrics."""
+    t0 = time.perf_counter()
+    server = subprocess.Popen(cmd, stdout=sys.stdout, stderr=sys.stderr)
+    runs = {}
+    try:
+        _wait_ready(base, server, 600)
+        ready_s = time.perf_counter() - t0
+        for name, rate, conc in (("all_at_once", math.inf, args.num_prompts), ("poisson", args.rate, args.num_prompts)):
+            res = asyncio.run(benchmark(_bench_args(base, rate, args.num_prompts, conc), requests))
+            print(f"\n== server, {name} (rate {rate}) ==\n{format_table(res['summary'])}", flush=True)
+            runs[name] = res["summary"]
+        with urllib.request.urlopen(base + "/metrics") as r:
+            metrics_text = r.read().decode()
+    finally:
+        t_term = time.perf_counter()
+        server.send_signal(signal.SIGTERM)
+        exit_code = server.wait(120)
+        drain_s = time.perf_counter() - t_term
+    print(f"server: ready after {ready_s:.1f}s; SIGTERM to exit {drain_s:.1f}s, exit code {exit_code}", flush=True)
+    return {
+        "command": cmd, "server_ready_s": ready_s, "drain_s": drain_s, "server_exit_code": exit_code, "runs": runs,
+        "metrics_tail": [line for line in metrics_text.splitlines()
+                         if line.startswith(("vllm:num_preemptions", "vllm:prefix_cache", "vllm:request_success_total",
+                                             "pagedserve_engine_step_seconds_sum", "pagedserve_engine_step_seconds_count",
+                                             "pagedserve_engine_steps"))],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", default="/tmp/llama8b")
@@ -66,6 +101,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead (a CPU check of this script)")
+    ap.add_argument("--variants", default="--engine-process;--no-engine-process",
+                    help="';'-separated sets of extra server flags, one server run each")
     args = ap.parse_args()
 
     env = environment()
@@ -85,28 +122,15 @@ def main() -> None:
     requests = random_requests(args.num_prompts, args.input_len, args.output_len, pool, args.range_ratio, seed=0)
     engine_flags = ["--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len)]
 
-    # 1. The server under load.
+    # 1. The server under load, once per variant.
     base = f"http://127.0.0.1:{args.port}"
-    cmd = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", args.model_dir, "--host", "127.0.0.1",
-           "--port", str(args.port), "--device", args.device, "--served-model-name", "llama8b-random", *engine_flags]
-    t0 = time.perf_counter()
-    server = subprocess.Popen(cmd, stdout=sys.stdout, stderr=sys.stderr)
-    runs = {}
-    try:
-        _wait_ready(base, server, 600)
-        ready_s = time.perf_counter() - t0
-        for name, rate, conc in (("all_at_once", math.inf, args.num_prompts), ("poisson", args.rate, args.num_prompts)):
-            res = asyncio.run(benchmark(_bench_args(base, rate, args.num_prompts, conc), requests))
-            print(f"\n== server, {name} (rate {rate}) ==\n{format_table(res['summary'])}", flush=True)
-            runs[name] = res["summary"]
-        with urllib.request.urlopen(base + "/metrics") as r:
-            metrics_text = r.read().decode()
-    finally:
-        t_term = time.perf_counter()
-        server.send_signal(signal.SIGTERM)
-        exit_code = server.wait(120)
-        drain_s = time.perf_counter() - t_term
-    print(f"server: ready after {ready_s:.1f}s; SIGTERM to exit {drain_s:.1f}s, exit code {exit_code}", flush=True)
+    variants = {}
+    for variant in [v.strip() for v in args.variants.split(";")]:
+        cmd = [sys.executable, "-m", "pagedserve.runtime.cli", "serve", args.model_dir, "--host", "127.0.0.1",
+               "--port", str(args.port), "--device", args.device, "--served-model-name", "llama8b-random",
+               *engine_flags, *variant.split()]
+        print(f"\n==== server variant: {variant or '(defaults)'} ====", flush=True)
+        variants[variant] = _serve_runs(cmd, base, args, requests)
 
     # 2. The ceiling: the offline engine on the same requests.
     from pagedserve.runtime import LLM, SamplingParams
@@ -120,21 +144,18 @@ def main() -> None:
     offline_s = time.perf_counter() - t0
     offline_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     offline_tps = offline_tokens / offline_s
-    served = runs["all_at_once"]
-    ratio = served["output_token_throughput"] / offline_tps
-    print("\n| figure | value | ceiling | ratio |\n|---|---|---|---|")
-    print(f"| server output tok/s (all at once) | {served['output_token_throughput']:.0f} | {offline_tps:.0f} "
-          f"(offline engine, same requests) | {ratio:.0%} |")
+    print("\n| server variant | output tok/s (all at once) | ceiling (offline engine, same requests) | ratio |"
+          "\n|---|---|---|---|")
+    for variant, v in variants.items():
+        v["server_vs_offline"] = v["runs"]["all_at_once"]["output_token_throughput"] / offline_tps
+        print(f"| {variant or '(defaults)'} | {v['runs']['all_at_once']['output_token_throughput']:.0f} | "
+              f"{offline_tps:.0f} | {v['server_vs_offline']:.0%} |")
     result = {
-        "env": env, "shape": "llama-3.1-8b random bf16", "args": vars(args), "server_ready_s": ready_s,
-        "drain_s": drain_s, "server_exit_code": exit_code, "runs": runs,
+        "env": env, "shape": "tiny random llama" if args.tiny else "llama-3.1-8b random bf16", "args": vars(args),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "variants": variants,
         "offline": {"elapsed_s": offline_s, "output_tokens": offline_tokens, "output_tok_per_s": offline_tps,
                     "steps": llm.last_stats.get("steps")},
-        "server_vs_offline": ratio,
-        "metrics_tail": [line for line in metrics_text.splitlines()
-                         if line.startswith(("vllm:num_preemptions", "vllm:prefix_cache", "vllm:request_success_total",
-                                             "pagedserve_engine_step_seconds_sum", "pagedserve_engine_step_seconds_count",
-                                             "pagedserve_engine_steps"))],
     }
     if args.out:
         with open(args.out, "w") as f:

@@ -1,21 +1,24 @@
 """AsyncEngine: the asyncio front of the synchronous ``EngineCore``.
 
-The engine loop runs in one dedicated thread that owns the engine (scheduler, KV manager, runner): it takes
-commands (add, abort, finish) from a thread-safe queue and calls ``EngineCore.step()``. Each step's token
-updates go to the event loop, which detokenizes them with the ``OutputProcessor`` (stop strings, logprobs)
-and feeds the per-request streams, so that work overlaps the engine's next step. The event loop never runs
-model code.
+An ``EngineLoop`` owns the engine (scheduler, KV manager, runner): it takes commands (add, abort, finish) from a
+thread-safe queue and calls ``EngineCore.step()``. It runs either on a dedicated thread of the server process
+or as the main loop of an engine process of its own (``runtime/engine_process.py``; commands and results
+cross a socket), so that the HTTP front end never takes the GIL from the engine. Each step's token updates go
+to the event loop, which detokenizes them with the ``OutputProcessor`` (stop strings, logprobs) and feeds the
+per-request streams, so that work overlaps the engine's next step. The event loop never runs model code.
 
 Every request gets a ``RequestStream``: an async iterator of ``RequestChunk`` (new text, token ids and
 logprobs per choice since the last chunk). Closing a stream before it finished aborts the request, which
-frees its KV blocks at the engine's next iteration. If the engine loop dies, every open stream raises
-``EngineDeadError`` and ``liveness()`` turns false; if it stops making progress, ``liveness()`` turns false too.
+frees its KV blocks at the engine's next iteration. If the engine loop (or its process) dies, every open
+stream raises ``EngineDeadError`` and ``liveness()`` turns false; if it stops making progress, ``liveness()``
+turns false too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -23,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pagedserve.runtime.engine import EngineCore
+from pagedserve.runtime.engine import EngineCore, EngineInfo
 from pagedserve.runtime.llm import LLM
 from pagedserve.runtime.output_processor import OutputProcessor, child_request_id
 from pagedserve.runtime.request import Request
@@ -85,7 +88,7 @@ class _NullListener:
 
 @dataclass
 class _Track:
-    """Engine-thread bookkeeping of one request (a parent of ``n`` engine requests)."""
+    """Front-end bookkeeping of one request (a parent of ``n`` engine requests)."""
 
     stream: RequestStream
     reqs: list[Request]
@@ -97,52 +100,215 @@ class _Track:
     first_token_time: float | None = None
 
 
-class AsyncEngine:
-    """Serve ``EngineCore`` to asyncio code. Call ``start()`` from inside the running event loop.
+class EngineSink(Protocol):
+    """Where an ``EngineLoop`` reports; called on the loop's own thread."""
 
-    Threads: the engine thread owns ``EngineCore`` (scheduler, KV manager, runner) and does nothing but
-    admit, abort, finish and step. Everything per token after the step (detokenization, stop strings,
-    logprobs, chunks, metrics) runs on the event loop, where it overlaps the next step's GPU work instead of
-    delaying it. A stop string therefore reaches the engine one step late; the extra token is dropped.
+    def admitted(self, token: int, error: BaseException | None) -> None: ...
+
+    def stepped(self, updates: list, duration_s: float, first_scheduled: list[tuple[str, float]]) -> None: ...
+
+    def idle(self) -> None: ...
+
+    def exited(self, error: BaseException, shutdown: bool) -> None: ...
+
+
+class EngineLoop:
+    """The engine side: owns ``EngineCore`` and does nothing but admit, abort, finish and step.
+
+    Commands arrive through ``put`` from any thread: ``("add", requests, token)``, ``("abort", ids)``,
+    ``("finish", ids)``. ``run()`` loops until ``request_stop()`` or a failure and reports through the sink.
+    With ``report_first_scheduled`` it also reports when each request was first scheduled (the front end's
+    copies of the requests do not see the scheduler's changes when the loop runs in another process).
     """
 
     def __init__(
         self,
         core: EngineCore,
+        sink: EngineSink,
         *,
+        max_waiting_requests: int = 0,
+        idle_heartbeat_s: float = 0.5,
+        step_delay_s: float = 0.0,
+        report_first_scheduled: bool = False,
+    ) -> None:
+        self.core = core
+        self.sink = sink
+        self.max_waiting_requests = max_waiting_requests
+        self.idle_heartbeat_s = idle_heartbeat_s
+        # Test hook: sleep after each step so tests can observe a busy engine on a fast machine.
+        self.step_delay_s = step_delay_s
+        self.report_first_scheduled = report_first_scheduled
+        self.heartbeat = time.monotonic()
+        self.num_steps = 0
+        self.stats = self.snapshot()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self._unscheduled: dict[str, Request] = {}
+
+    def put(self, cmd: tuple) -> None:
+        self._commands.put(cmd)
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+
+    def run(self) -> None:
+        """Loop until stopped or failed; the sink hears why (``exited``) either way."""
+        try:
+            while not self._stop:
+                self.heartbeat = time.monotonic()
+                self._wake.clear()
+                self._run_commands()
+                if self.core.has_unfinished():
+                    self._run_step()
+                    if not self.core.has_unfinished():
+                        self.core.step()  # let the runner drop the state of the requests that just ended
+                else:
+                    self.stats = self.snapshot()
+                    self.sink.idle()
+                    check_health = getattr(self.core, "check_health", None)
+                    if check_health is not None:
+                        check_health()  # a dead tensor-parallel worker shows here even with no step to run
+                    self._wake.wait(self.idle_heartbeat_s)
+            err: BaseException = EngineDeadError("the engine was shut down")
+            shutdown = True
+        except BaseException as e:  # noqa: BLE001 - any failure kills the loop; requests must hear of it
+            logger.exception("engine loop died")
+            err, shutdown = e, False
+        self.sink.exited(err, shutdown)
+
+    def _run_commands(self) -> None:
+        core = self.core
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                self._admit(cmd[1], cmd[2])
+            elif cmd[0] == "abort":
+                core.abort_requests(cmd[1])
+            elif cmd[0] == "finish":
+                core.finish_requests(cmd[1])
+
+    def _admit(self, reqs: list[Request], token: int) -> None:
+        sched = self.core.scheduler
+        limit = self.max_waiting_requests
+        if limit and sched.num_waiting > 0 and sched.num_waiting + len(reqs) > limit:
+            self.sink.admitted(token, QueueFullError(
+                f"the waiting queue is full ({sched.num_waiting} waiting, limit {limit}); retry later"
+            ))
+            return
+        try:
+            for req in reqs:
+                self.core.add_request(req)
+        except ValueError as e:
+            self.core.abort_requests([r.request_id for r in reqs])
+            self.sink.admitted(token, e)
+            return
+        if self.report_first_scheduled:
+            for req in reqs:
+                self._unscheduled[req.request_id] = req
+        self.sink.admitted(token, None)
+
+    def _run_step(self) -> None:
+        t0 = time.monotonic()
+        updates = self.core.step()
+        self.num_steps += 1
+        duration = time.monotonic() - t0
+        self.stats = self.snapshot()
+        first_scheduled = []
+        if self._unscheduled:
+            for rid, req in list(self._unscheduled.items()):
+                if req.first_scheduled_time is not None:
+                    first_scheduled.append((rid, req.first_scheduled_time))
+                    del self._unscheduled[rid]
+                elif req.is_finished:
+                    del self._unscheduled[rid]
+        self.sink.stepped(updates, duration, first_scheduled)
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+
+    def snapshot(self) -> EngineStats:
+        sched, kv = self.core.scheduler, self.core.kv
+        return EngineStats(
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            num_blocks=kv.num_blocks,
+            num_free_blocks=kv.num_free_blocks,
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=sched.num_preemptions,
+            num_steps=self.num_steps,
+            spec_decode=sched.spec_stats.as_dict() if getattr(sched, "spec_stats", None) else None,
+        )
+
+
+class AsyncEngine:
+    """Serve an engine to asyncio code. Call ``start()`` from inside the running event loop.
+
+    Two ways to run the engine, same behaviour seen from here:
+    - ``AsyncEngine(core)``: an ``EngineLoop`` on a thread of this process, sharing its GIL;
+    - ``AsyncEngine(process=EngineProcess(...), tokenizer=...)``: the loop in a process of its own.
+
+    Everything per token after the step (detokenization, stop strings, logprobs, chunks, metrics) runs on the
+    event loop, where it overlaps the next step's work instead of delaying it. A stop string therefore
+    reaches the engine one step late; the extra token is dropped.
+    """
+
+    def __init__(
+        self,
+        core: EngineCore | None = None,
+        *,
+        process: Any = None,  # an engine_process.EngineProcess that has answered wait_ready()
+        tokenizer: Any = None,  # with ``process``: the model's tokenizer, loaded in this process
         max_waiting_requests: int = 0,
         listener: EngineListener | None = None,
         idle_heartbeat_s: float = 0.5,
         hang_timeout_s: float = 60.0,
         step_delay_s: float = 0.0,
     ) -> None:
+        if (core is None) == (process is None):
+            raise ValueError("AsyncEngine takes either an EngineCore or an engine process")
         self.core = core
-        self.tokenizer = core.source.tokenizer
-        self.max_model_len = core.max_model_len
-        self.block_size = core.kv.block_size
-        self.num_blocks = core.kv.num_blocks
+        self.process = process
+        if core is not None:
+            self.info: EngineInfo = core.info
+            self.tokenizer = core.source.tokenizer
+            self._engine_loop: EngineLoop | None = EngineLoop(
+                core, _ThreadSink(self), max_waiting_requests=max_waiting_requests,
+                idle_heartbeat_s=idle_heartbeat_s, step_delay_s=step_delay_s,
+            )
+        else:
+            self.info = process.info
+            self.tokenizer = tokenizer
+            self._engine_loop = None
+        self.max_model_len = self.info.max_model_len
+        self.block_size = self.info.block_size
+        self.num_blocks = self.info.num_blocks
+        self.vocab_size = self.info.vocab_size
         self.max_waiting_requests = max_waiting_requests
         self.listener: EngineListener = listener or _NullListener()
         self.idle_heartbeat_s = idle_heartbeat_s
         self.hang_timeout_s = hang_timeout_s
-        # Test hook: sleep after each step so tests can observe a busy engine on a fast machine.
-        self.step_delay_s = step_delay_s
         # Event-loop side: the output processor and per-request bookkeeping.
         self._processor = OutputProcessor(self.tokenizer)
         self._tracks: dict[str, _Track] = {}
         self._streams: dict[str, RequestStream] = {}
+        self._admits: dict[int, asyncio.Future] = {}
+        self._tokens = itertools.count()
+        self._unscheduled: dict[str, Request] = {}  # engine process: first requests not yet scheduled
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Engine-thread side.
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._submit_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = False
+        self._closed = False
         self._thread: threading.Thread | None = None
-        self._heartbeat = time.monotonic()
-        self._num_steps = 0
-        self._stats = self._snapshot()
+        self._heartbeat = time.monotonic()  # engine process: when its last message arrived
+        self._stats = EngineStats(num_blocks=self.num_blocks, num_free_blocks=self.num_blocks)
         self.dead_error: BaseException | None = None
         self.draining = False
 
@@ -150,18 +316,38 @@ class AsyncEngine:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._heartbeat = time.monotonic()
-        self._thread = threading.Thread(target=self._run_loop, name="engine-loop", daemon=True)
+        if self._engine_loop is not None:
+            self._thread = threading.Thread(target=self._engine_loop.run, name="engine-loop", daemon=True)
+        else:
+            self._thread = threading.Thread(target=self._read_process, name="engine-reader", daemon=True)
         self._thread.start()
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the engine thread and the engine's worker processes; open streams raise ``EngineDeadError``."""
-        self._stop = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        release = getattr(self.core, "shutdown", None)
-        if release is not None:
-            release()
+        """Stop the engine loop and the engine's processes; open streams raise ``EngineDeadError``."""
+        with self._submit_lock:
+            self._closed = True
+        if self._engine_loop is not None:
+            self._engine_loop.request_stop()
+            if self._thread is not None:
+                self._thread.join(timeout)
+            release = getattr(self.core, "shutdown", None)
+            if release is not None:
+                release()
+        else:
+            self.process.shutdown(timeout)
+            if self._thread is not None:
+                self._thread.join(timeout)
+
+    @property
+    def step_delay_s(self) -> float:
+        """Test hook: the engine sleeps this long after each step (set at start for an engine process)."""
+        return self._engine_loop.step_delay_s if self._engine_loop is not None else self.process.step_delay_s
+
+    @step_delay_s.setter
+    def step_delay_s(self, value: float) -> None:
+        if self._engine_loop is None:
+            raise AttributeError("step_delay_s of an engine process is fixed when it starts")
+        self._engine_loop.step_delay_s = value
 
     def start_drain(self) -> None:
         """Refuse new requests from now on (``DrainingError``); running ones continue."""
@@ -176,23 +362,29 @@ class AsyncEngine:
             return False
 
     def liveness(self) -> tuple[bool, str]:
-        """(alive, reason): the engine thread exists, has not died, and keeps making progress."""
+        """(alive, reason): the engine loop (and its process) exists, has not died, and keeps making progress."""
         if self.dead_error is not None:
             return False, f"engine loop died: {self.dead_error!r}"
         if self._thread is None or not self._thread.is_alive():
             return False, "engine loop is not running"
-        age = time.monotonic() - self._heartbeat
+        if self.process is not None:
+            gone = self.process.exit_reason()
+            if gone is not None:
+                return False, gone
+        age = self.heartbeat_age()
         if age > self.hang_timeout_s:
             return False, f"engine loop has made no progress for {age:.1f}s (limit {self.hang_timeout_s:g}s)"
         return True, "ok"
 
     def heartbeat_age(self) -> float:
-        return time.monotonic() - self._heartbeat
+        beat = self._engine_loop.heartbeat if self._engine_loop is not None else self._heartbeat
+        return time.monotonic() - beat
 
     @property
     def stats(self) -> EngineStats:
         """The engine's latest snapshot, with the number of requests in flight here."""
-        return dataclasses.replace(self._stats, num_requests=len(self._tracks))
+        snap = self._engine_loop.stats if self._engine_loop is not None else self._stats
+        return dataclasses.replace(snap, num_requests=len(self._tracks))
 
     @property
     def num_in_flight(self) -> int:
@@ -214,7 +406,7 @@ class AsyncEngine:
         arrival_time: float | None = None,
     ) -> RequestStream:
         """Validate and enqueue one request; raises ValueError (bad request), QueueFullError,
-        DrainingError or EngineDeadError. Returns its stream once the engine thread has admitted it."""
+        DrainingError or EngineDeadError. Returns its stream once the engine has admitted it."""
         if self.draining:
             raise DrainingError("the server is shutting down and accepts no new requests")
         if self.dead_error is not None:
@@ -223,7 +415,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         reqs = [
-            self.core.make_request(
+            self.info.make_request(
                 child_request_id(request_id, i, params.n), prompt_token_ids, LLM._child_params(params, i),
                 priority, arrival,
             )
@@ -241,12 +433,17 @@ class AsyncEngine:
                        num_emitted=[0] * params.n, done=[False] * params.n, last_token_time=[None] * params.n)
         self._tracks[request_id] = track
         self._streams[request_id] = stream
+        if self.process is not None:
+            self._unscheduled[reqs[0].request_id] = reqs[0]
         self._idle.clear()
         admitted: asyncio.Future = self._loop.create_future()
+        token = next(self._tokens)
+        self._admits[token] = admitted
         try:
-            self._submit(("add", reqs, admitted))
+            self._submit(("add", reqs, token))
             await admitted
         except BaseException:
+            self._admits.pop(token, None)
             stream.finished = True
             self._drop(request_id, abort_in_engine=not admitted.done() or admitted.cancelled())
             self._forget(stream)
@@ -270,6 +467,8 @@ class AsyncEngine:
     def _drop(self, request_id: str, abort_in_engine: bool, reason: str | None = None) -> None:
         child_ids = self._processor.abort(request_id)
         track = self._tracks.pop(request_id, None)
+        if track is not None:
+            self._unscheduled.pop(track.reqs[0].request_id, None)
         if abort_in_engine and child_ids:
             self._submit(("abort", child_ids), quiet=True)
         if track is not None and reason is not None:
@@ -280,12 +479,17 @@ class AsyncEngine:
 
     def _submit(self, cmd: tuple, quiet: bool = False) -> None:
         with self._submit_lock:
-            if self.dead_error is not None or self._stop:
-                if quiet:
+            if self.dead_error is None and not self._closed:
+                try:
+                    if self._engine_loop is not None:
+                        self._engine_loop.put(cmd)
+                    else:
+                        self.process.send(cmd)
                     return
-                raise EngineDeadError(f"the engine loop is not running: {self.dead_error!r}")
-            self._commands.put(cmd)
-        self._wake.set()
+                except OSError:  # the engine process is gone; its reader reports why
+                    pass
+        if not quiet:
+            raise EngineDeadError(f"the engine loop is not running: {self.dead_error!r}")
 
     def _forget(self, stream: RequestStream) -> None:
         if self._streams.get(stream.request_id) is stream:
@@ -299,14 +503,52 @@ class AsyncEngine:
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
-    @staticmethod
-    def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
-        if fut.done():
+    def _on_admitted(self, token: int, exc: BaseException | None) -> None:
+        fut = self._admits.pop(token, None)
+        if fut is None or fut.done():
             return
         if exc is None:
             fut.set_result(None)
         else:
             fut.set_exception(exc)
+
+    # ----------------------------------------------------------------------------- the engine process
+    def _read_process(self) -> None:
+        """Reader thread: hand each message of the engine process to the event loop, in order."""
+        proc = self.process
+        while True:
+            try:
+                msg = proc.recv()
+            except (EOFError, OSError):
+                break
+            self._heartbeat = time.monotonic()
+            self._post(self._on_process_message, msg)
+            if msg[0] == "exit":
+                return
+        if self._closed:
+            return
+        reason = proc.wait_exit_reason(5.0)
+        self._post(self._engine_died, EngineDeadError(reason), False)
+
+    def _on_process_message(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "step":
+            _, updates, duration, first_scheduled, stats = msg
+            self._stats = stats
+            self.listener.on_step(duration)
+            for rid, t in first_scheduled:
+                req = self._unscheduled.pop(rid, None)
+                if req is not None:
+                    req.first_scheduled_time = t
+            if updates:
+                self._on_updates(updates)
+        elif kind == "beat":
+            self._stats = msg[1]
+        elif kind == "admitted":
+            self._on_admitted(msg[1], msg[2])
+        elif kind == "exit":
+            _, err, shutdown = msg
+            self._engine_died(err, shutdown)
 
     # ----------------------------------------------------------------------------- outputs (event loop)
     def _on_updates(self, updates: list) -> None:
@@ -373,100 +615,40 @@ class AsyncEngine:
         if dead is not err:
             dead.__cause__ = err
         with self._submit_lock:
-            self._stop = True
-            self._wake.set()
-            pending = []
-            while True:
-                try:
-                    pending.append(self._commands.get_nowait())
-                except queue.Empty:
-                    break
-        for cmd in pending:
-            if cmd[0] == "add":
-                self._resolve(cmd[-1], dead)
+            self._closed = True
+        if self._engine_loop is not None:
+            self._engine_loop.request_stop()
+        elif not shutdown:
+            self.process.kill()  # a front-end failure or a hung engine: nothing may keep serving behind us
+        admits, self._admits = self._admits, {}
+        for fut in admits.values():
+            if not fut.done():
+                fut.set_exception(dead)
         for rid, track in list(self._tracks.items()):
             self._processor.abort(rid)
             track.stream._put(dead)
         self._tracks.clear()
+        self._unscheduled.clear()
 
-    # ----------------------------------------------------------------------------- engine thread
-    def _run_loop(self) -> None:
-        try:
-            while not self._stop:
-                self._heartbeat = time.monotonic()
-                self._wake.clear()
-                self._run_commands()
-                if self.core.has_unfinished():
-                    self._run_step()
-                    if not self.core.has_unfinished():
-                        self.core.step()  # let the runner drop the state of the requests that just ended
-                else:
-                    self._stats = self._snapshot()
-                    check_health = getattr(self.core, "check_health", None)
-                    if check_health is not None:
-                        check_health()  # a dead tensor-parallel worker shows here even with no step to run
-                    self._wake.wait(self.idle_heartbeat_s)
-            err: BaseException = EngineDeadError("the engine was shut down")
-            shutdown = True
-        except BaseException as e:  # noqa: BLE001 - any failure kills the loop; requests must hear of it
-            logger.exception("engine loop died")
-            self.dead_error = err = e
-            shutdown = False
-        self._post(self._engine_died, err, shutdown)
 
-    def _run_commands(self) -> None:
-        core = self.core
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if cmd[0] == "add":
-                self._admit(cmd[1], cmd[2])
-            elif cmd[0] == "abort":
-                core.abort_requests(cmd[1])
-            elif cmd[0] == "finish":
-                core.finish_requests(cmd[1])
+class _ThreadSink:
+    """``EngineSink`` of an engine loop on a thread of the server process: hand everything to the event loop."""
 
-    def _admit(self, reqs: list[Request], admitted: asyncio.Future) -> None:
-        sched = self.core.scheduler
-        limit = self.max_waiting_requests
-        if limit and sched.num_waiting > 0 and sched.num_waiting + len(reqs) > limit:
-            self._post(self._resolve, admitted, QueueFullError(
-                f"the waiting queue is full ({sched.num_waiting} waiting, limit {limit}); retry later"
-            ))
-            return
-        try:
-            for req in reqs:
-                self.core.add_request(req)
-        except ValueError as e:
-            self.core.abort_requests([r.request_id for r in reqs])
-            self._post(self._resolve, admitted, e)
-            return
-        self._post(self._resolve, admitted, None)
+    def __init__(self, front: AsyncEngine) -> None:
+        self.front = front
 
-    def _run_step(self) -> None:
-        t0 = time.monotonic()
-        updates = self.core.step()
-        self._num_steps += 1
-        self.listener.on_step(time.monotonic() - t0)
-        self._stats = self._snapshot()
+    def admitted(self, token: int, error: BaseException | None) -> None:
+        self.front._post(self.front._on_admitted, token, error)
+
+    def stepped(self, updates: list, duration_s: float, first_scheduled: list) -> None:
+        self.front.listener.on_step(duration_s)
         if updates:
-            self._post(self._on_updates, updates)
-        if self.step_delay_s:
-            time.sleep(self.step_delay_s)
+            self.front._post(self.front._on_updates, updates)
 
-    def _snapshot(self) -> EngineStats:
-        sched, kv = self.core.scheduler, self.core.kv
-        return EngineStats(
-            num_running=sched.num_running,
-            num_waiting=sched.num_waiting,
-            num_blocks=kv.num_blocks,
-            num_free_blocks=kv.num_free_blocks,
-            kv_cache_usage=kv.usage,
-            prefix_cache_queries=kv.prefix_cache_queries,
-            prefix_cache_hits=kv.prefix_cache_hits,
-            num_preemptions=sched.num_preemptions,
-            num_steps=self._num_steps,
-            spec_decode=sched.spec_stats.as_dict() if getattr(sched, "spec_stats", None) else None,
-        )
+    def idle(self) -> None:
+        pass
+
+    def exited(self, error: BaseException, shutdown: bool) -> None:
+        if not shutdown and self.front.dead_error is None:
+            self.front.dead_error = error  # liveness says why at once, before the event loop hears of it
+        self.front._post(self.front._engine_died, error, shutdown)

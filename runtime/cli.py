@@ -74,6 +74,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                      help="/health fails once the engine loop has made no progress for this many seconds")
     net.add_argument("--log-level", type=str.lower, choices=_LOG_LEVELS, default="info")
     net.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    net.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                     help="run the engine core in a process of its own, so HTTP and streaming never take the "
+                          "GIL from it (default: on with CUDA)")
     net.add_argument("--debug-step-delay", type=_non_negative_float, default=0.0, help=argparse.SUPPRESS)
 
     eng = p.add_argument_group("engine")
@@ -137,6 +140,7 @@ def server_config_from_args(args: argparse.Namespace):
         max_request_body_bytes=args.max_request_body_bytes,
         engine_hang_timeout=args.engine_hang_timeout,
         debug_step_delay=args.debug_step_delay,
+        engine_process=args.engine_process,
     )
 
 

@@ -140,7 +140,7 @@ class _Rank0Thread:
         self._jobs.put(None)
 
 
-def _describe_exit(code: int | None) -> str:
+def describe_exit(code: int | None) -> str:
     if code is None:
         return "is running"
     if code < 0:
@@ -373,7 +373,7 @@ class TensorParallelRunner:
             dead = self._dead_workers()
         parts = [what]
         for rank, p in dead:
-            parts.append(f"worker rank {rank} (pid {p.pid}) {_describe_exit(p.returncode)}")
+            parts.append(f"worker rank {rank} (pid {p.pid}) {describe_exit(p.returncode)}")
             report = self._worker_report(rank)
             if report:
                 parts.append(report.strip().splitlines()[-1])

@@ -63,6 +63,46 @@ class EngineArgs:
         return torch.device(self.device)
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a front end needs to know of a loaded engine (picklable: it crosses to the server process when
+    the engine core runs in a process of its own)."""
+
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    block_size: int
+    num_blocks: int
+    load_time_s: float
+    dtype: str
+    enable_prefix_caching: bool
+    gpu_memory_utilization: float
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def make_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """Validate one request against the model; raises ValueError naming the problem."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt: must contain at least one token")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {n} tokens is too long for max_model_len={self.max_model_len} "
+                f"(at least one token must remain for the output)"
+            )
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        room = self.max_model_len - n
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        return Request(request_id, prompt_token_ids, params, max_tokens, self.eos_token_ids, arrival_time, priority)
+
+
 class EngineCore:
     """The inner loop: owns the scheduler (and through it the KV-cache manager) and the model runner."""
 
@@ -122,6 +162,12 @@ class EngineCore:
         self._inflight: tuple = ()  # (SchedulerOutput, DeferredOutput) of the step still on the device
         self.vocab_size = cfg.vocab_size
         self.load_time_s = time.monotonic() - t0
+        self.info = EngineInfo(
+            max_model_len=self.max_model_len, vocab_size=self.vocab_size, eos_token_ids=self.eos_token_ids,
+            block_size=args.block_size, num_blocks=num_blocks, load_time_s=self.load_time_s,
+            dtype=str(self.dtype).replace("torch.", ""), enable_prefix_caching=args.enable_prefix_caching,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+        )
         self.last_step_shape = (0, 0)  # (requests, tokens) of the last step
         capacity = num_blocks * args.block_size
         per_tok = kv_bytes_per_token(cfg, self.dtype, self.runner.tp)
@@ -198,20 +244,7 @@ class EngineCore:
         arrival_time: float | None = None,
     ) -> Request:
         """Validate one request against the model; raises ValueError naming the problem."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("prompt: must contain at least one token")
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"prompt: {n} tokens is too long for max_model_len={self.max_model_len} "
-                f"(at least one token must remain for the output)"
-            )
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_token_ids: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        room = self.max_model_len - n
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        return Request(request_id, prompt_token_ids, params, max_tokens, self.eos_token_ids, arrival_time, priority)
+        return self.info.make_request(request_id, prompt_token_ids, params, priority, arrival_time)
 
     def add_request(self, req: Request) -> None:
         self.scheduler.add_request(req)

@@ -61,9 +61,20 @@ def setup_logging(level: str = "info", json_logs: bool = False, stream=None) -> 
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if json_logs else TextFormatter())
     handler.addFilter(RequestIdFilter())
+    handler._pagedserve_setup = (level, json_logs)  # what child processes repeat (see current_setup)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def current_setup() -> tuple[str, bool] | None:
+    """(level, json_logs) of the last ``setup_logging`` still in place, for a child process to repeat; None
+    when the root logger was configured some other way (a test runner, an embedding application)."""
+    for h in logging.getLogger().handlers:
+        setup = getattr(h, "_pagedserve_setup", None)
+        if setup is not None:
+            return setup
+    return None

@@ -108,7 +108,7 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, served_model_names: list[str], model_path: str) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.vocab_size = engine.core.vocab_size
+        self.vocab_size = engine.vocab_size
         self.names = list(served_model_names)
         self.model_path = model_path
         self.texts = TokenTexts(self.tokenizer)

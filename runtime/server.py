@@ -60,6 +60,18 @@ class ServerConfig:
     max_request_body_bytes: int = 16 << 20
     engine_hang_timeout: float = 60.0
     debug_step_delay: float = 0.0  # tests only: sleep after every engine step
+    # Run the engine core in a process of its own (None: when it runs on CUDA); off, on a thread of this one.
+    engine_process: bool | None = None
+
+    def use_engine_process(self) -> bool:
+        if self.engine_process is not None:
+            return bool(self.engine_process)
+        device = self.engine_kwargs.get("device", "auto")
+        if device == "auto":
+            import torch
+
+            return torch.cuda.is_available()
+        return device == "cuda"
 
     @property
     def names(self) -> list[str]:
@@ -113,6 +125,7 @@ class Server:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
         self._core = core
+        self.engine_process = None  # the engine process while it loads and serves (when there is one)
         self.metrics.bind(None, self._state_gauges, {})
         self.app = self._build_app()
 
@@ -279,36 +292,62 @@ class Server:
     async def start_engine(self) -> None:
         cfg = self.config
         try:
-            core = self._core or await _in_daemon_thread(
-                lambda: EngineCore(EngineArgs.from_kwargs(cfg.model, **cfg.engine_kwargs))
-            )
+            if self._core is None and cfg.use_engine_process():
+                engine = await _in_daemon_thread(self._start_engine_process)
+            else:
+                core = self._core or await _in_daemon_thread(
+                    lambda: EngineCore(EngineArgs.from_kwargs(cfg.model, **cfg.engine_kwargs))
+                )
+                engine = AsyncEngine(
+                    core, max_waiting_requests=cfg.max_waiting_requests, listener=self.metrics,
+                    hang_timeout_s=cfg.engine_hang_timeout, step_delay_s=cfg.debug_step_delay,
+                )
         except Exception as e:  # noqa: BLE001 - reported, then the process exits non-zero
             self.load_error, self.state = e, "failed"
             logger.error("the model failed to load: %s", e)
             self.fatal.set()
             return
-        self.engine = AsyncEngine(
-            core, max_waiting_requests=cfg.max_waiting_requests, listener=self.metrics,
-            hang_timeout_s=cfg.engine_hang_timeout, step_delay_s=cfg.debug_step_delay,
-        )
+        self.engine = engine
         self.engine.start()
         self.serving = OpenAIServing(self.engine, self.names, cfg.model)
+        info = engine.info
         cache_info = {
-            "block_size": core.kv.block_size, "num_gpu_blocks": core.kv.num_blocks,
-            "enable_prefix_caching": core.args.enable_prefix_caching,
-            "gpu_memory_utilization": core.args.gpu_memory_utilization,
-            "cache_dtype": str(core.dtype).replace("torch.", ""),
+            "block_size": info.block_size, "num_gpu_blocks": info.num_blocks,
+            "enable_prefix_caching": info.enable_prefix_caching,
+            "gpu_memory_utilization": info.gpu_memory_utilization,
+            "cache_dtype": info.dtype,
         }
         self.metrics.bind(self.engine, self._state_gauges, cache_info)
-        self.metrics.load_time.labels(self.names[0]).set(core.load_time_s)
+        self.metrics.load_time.labels(self.names[0]).set(info.load_time_s)
         if self.state == "loading":
             self.state = "serving"
+        where = f"engine process pid {engine.process.pid}" if engine.process is not None else "engine thread"
         logger.info(
-            "serving %s: model loaded in %.1fs; KV cache %d tokens (%d blocks of %d); max_model_len %d",
-            ", ".join(self.names), core.load_time_s, core.kv.num_blocks * core.kv.block_size, core.kv.num_blocks,
-            core.kv.block_size, core.max_model_len,
-            extra={"load_time_s": round(core.load_time_s, 3), "kv_cache_tokens": core.kv.num_blocks * core.kv.block_size,
-                   "kv_cache_blocks": core.kv.num_blocks, "block_size": core.kv.block_size},
+            "serving %s: model loaded in %.1fs; KV cache %d tokens (%d blocks of %d); max_model_len %d; %s",
+            ", ".join(self.names), info.load_time_s, info.kv_cache_tokens, info.num_blocks, info.block_size,
+            info.max_model_len, where,
+            extra={"load_time_s": round(info.load_time_s, 3), "kv_cache_tokens": info.kv_cache_tokens,
+                   "kv_cache_blocks": info.num_blocks, "block_size": info.block_size},
+        )
+
+    def _start_engine_process(self) -> AsyncEngine:
+        """(In a loader thread.) Start the engine process, load the tokenizer here meanwhile, wait for the model."""
+        from pagedserve.runtime.engine_process import EngineProcess
+        from pagedserve.runtime.loader import load_model_source
+
+        cfg = self.config
+        args = EngineArgs.from_kwargs(cfg.model, **cfg.engine_kwargs)
+        proc = self.engine_process = EngineProcess(
+            args, max_waiting_requests=cfg.max_waiting_requests, step_delay_s=cfg.debug_step_delay)
+        try:
+            tokenizer = load_model_source(cfg.model).tokenizer
+            proc.wait_ready()
+        except BaseException:
+            proc.shutdown(5.0)
+            raise
+        return AsyncEngine(
+            process=proc, tokenizer=tokenizer, max_waiting_requests=cfg.max_waiting_requests,
+            listener=self.metrics, hang_timeout_s=cfg.engine_hang_timeout,
         )
 
     async def drain(self, timeout: float) -> None:
@@ -369,6 +408,8 @@ async def run_server(
     await runner.cleanup()
     if server.engine is not None:
         server.engine.shutdown()
+    elif server.engine_process is not None:  # stopped while the model was loading
+        server.engine_process.shutdown(0.0)
     logger.info("stopped", extra={"exit_code": code})
     return code
 

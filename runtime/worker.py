@@ -100,7 +100,7 @@ def agree_num_blocks(runner: ModelRunner) -> int:
     return int(local.item())
 
 
-def _exit_with_parent(poll_s: float = 0.5) -> None:
+def exit_with_parent(poll_s: float = 0.5) -> None:
     """Leave no orphan: exit as soon as the engine process is gone, even when it was SIGKILLed.
 
     (PR_SET_PDEATHSIG would fire when the *thread* that started us ends, and the server builds its engine
@@ -118,7 +118,7 @@ def _exit_with_parent(poll_s: float = 0.5) -> None:
 
 def worker_main(conn) -> None:
     """Entry point of a worker process: its RankSpec and rank arrive first on ``conn``."""
-    _exit_with_parent()
+    exit_with_parent()
     spec, rank = conn.recv()
     torch.set_num_threads(1)  # ranks share the host's cores; one thread each keeps them from fighting
     try:
