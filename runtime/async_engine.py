@@ -32,6 +32,7 @@ from pagedserve.runtime.output_processor import OutputProcessor, child_request_i
 from pagedserve.runtime.request import Request
 from pagedserve.runtime.request_stream import ChoiceDelta, RequestChunk, RequestStream
 from pagedserve.runtime.sampling_params import SamplingParams
+from pagedserve.runtime.scheduler import RequestUpdate
 
 logger = logging.getLogger("pagedserve.async_engine")
 
@@ -50,7 +51,7 @@ class DrainingError(RuntimeError):
 
 @dataclass
 class EngineStats:
-    """A consistent snapshot published by the engine thread after every loop iteration."""
+    """A consistent snapshot published by the engine loop after every iteration."""
 
     num_running: int = 0
     num_waiting: int = 0
@@ -533,15 +534,15 @@ class AsyncEngine:
     def _on_process_message(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "step":
-            _, updates, duration, first_scheduled, stats = msg
+            _, packed, duration, first_scheduled, stats = msg
             self._stats = stats
             self.listener.on_step(duration)
             for rid, t in first_scheduled:
                 req = self._unscheduled.pop(rid, None)
                 if req is not None:
                     req.first_scheduled_time = t
-            if updates:
-                self._on_updates(updates)
+            if packed:
+                self._on_updates([RequestUpdate(*t) for t in packed])
         elif kind == "beat":
             self._stats = msg[1]
         elif kind == "admitted":

@@ -74,9 +74,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                      help="/health fails once the engine loop has made no progress for this many seconds")
     net.add_argument("--log-level", type=str.lower, choices=_LOG_LEVELS, default="info")
     net.add_argument("--log-json", action="store_true", help="one JSON object per log line")
-    net.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+    net.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
                      help="run the engine core in a process of its own, so HTTP and streaming never take the "
-                          "GIL from it (default: on with CUDA)")
+                          "GIL from it (default: a thread of the server process)")
     net.add_argument("--debug-step-delay", type=_non_negative_float, default=0.0, help=argparse.SUPPRESS)
 
     eng = p.add_argument_group("engine")

@@ -60,18 +60,9 @@ class ServerConfig:
     max_request_body_bytes: int = 16 << 20
     engine_hang_timeout: float = 60.0
     debug_step_delay: float = 0.0  # tests only: sleep after every engine step
-    # Run the engine core in a process of its own (None: when it runs on CUDA); off, on a thread of this one.
-    engine_process: bool | None = None
-
-    def use_engine_process(self) -> bool:
-        if self.engine_process is not None:
-            return bool(self.engine_process)
-        device = self.engine_kwargs.get("device", "auto")
-        if device == "auto":
-            import torch
-
-            return torch.cuda.is_available()
-        return device == "cuda"
+    # Run the engine core in a process of its own, so HTTP and streaming never take the GIL from it (vLLM v1's
+    # layout); off: on a thread of this process. Off by default until a GPU run shows it pays (bench_serve_gpu.py).
+    engine_process: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -292,7 +283,7 @@ class Server:
     async def start_engine(self) -> None:
         cfg = self.config
         try:
-            if self._core is None and cfg.use_engine_process():
+            if self._core is None and cfg.engine_process:
                 engine = await _in_daemon_thread(self._start_engine_process)
             else:
                 core = self._core or await _in_daemon_thread(
