@@ -256,6 +256,15 @@ class TensorParallelRunner:
         self.runner = build_runner(self.spec, tp, source.config, source.iter_weights())
 
     # ----------------------------------------------------------------------------- ModelRunner's interface
+    @property
+    def grammars(self):
+        """Structured outputs' grammar compiler: rank 0's, the only rank that samples."""
+        return self.runner.grammars
+
+    @grammars.setter
+    def grammars(self, compiler) -> None:
+        self.runner.grammars = compiler
+
     def determine_num_blocks(self) -> int:
         """The KV pool every rank can hold: the minimum over ranks."""
         return self._call(agree_num_blocks, self.runner, timeout=self.spec.setup_timeout_s, what="KV sizing")

@@ -18,6 +18,7 @@ from pagedserve.runtime.request import Request, RequestStatus
 from pagedserve.runtime.sampling_params import SamplingParams
 from pagedserve.runtime.scheduler import RequestUpdate, Scheduler
 from pagedserve.runtime.spec_decode import NgramProposer, SpecDecodeStats, SpeculativeConfig
+from pagedserve.runtime.structured_outputs import GrammarCompiler
 
 logger = logging.getLogger("pagedserve.engine")
 
@@ -158,6 +159,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.proposer = self._make_proposer(self.spec_config)
         self.eos_token_ids = self.source.eos_token_ids
+        self.grammars = GrammarCompiler(self.source.tokenizer, cfg.vocab_size, self.eos_token_ids)
+        self.runner.grammars = self.grammars
         self.async_scheduling = self._resolve_async_scheduling(args)
         self._inflight: tuple = ()  # (SchedulerOutput, DeferredOutput) of the step still on the device
         self.vocab_size = cfg.vocab_size
@@ -246,7 +249,19 @@ class EngineCore:
         """Validate one request against the model; raises ValueError naming the problem."""
         return self.info.make_request(request_id, prompt_token_ids, params, priority, arrival_time)
 
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """ValueError if the request's grammar cannot be used here (it does not compile for this tokenizer,
+        or speculative decoding is on)."""
+        so = params.structured_outputs
+        if so is None:
+            return
+        if self.spec_config is not None:
+            raise ValueError("structured_outputs: not supported while this server runs speculative decoding")
+        self.grammars.compile(so)
+
     def add_request(self, req: Request) -> None:
+        """Queue a validated request; ValueError for what only the engine can check (its grammar)."""
+        self.check_structured_outputs(req.sampling_params)
         self.scheduler.add_request(req)
 
     def abort_requests(self, req_ids: list[str]) -> None:

@@ -61,6 +61,7 @@ class LLM:
         prepared = []
         for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
             text, ids = self._tokenize(prompt)
+            self.engine.check_structured_outputs(params)
             rid = str(next(self._ids))
             reqs = [
                 self.engine.make_request(

@@ -29,6 +29,7 @@ from pagedserve.runtime.sampler import (
 from pagedserve.runtime.sampling_params import SamplingParams
 from pagedserve.runtime.scheduler import SchedulerOutput
 from pagedserve.runtime.staging import HostStaging
+from pagedserve.runtime.structured_outputs import GrammarCompiler, GrammarMatcher
 
 logger = logging.getLogger("pagedserve.runner")
 
@@ -45,8 +46,9 @@ class RequestState:
     prompt_logprobs: list = field(default_factory=list)
     sampling_row: SamplingRow | None = None  # built once; it sees output_token_ids grow
     num_draft_computed: int = 0  # verified tokens whose KV the draft model has computed (draft_model method)
+    grammar: GrammarMatcher | None = None  # structured outputs, on the sampling rank (built on first use)
 
-    def row_for_sampling(self) -> SamplingRow:
+    def row_for_sampling(self, grammars: GrammarCompiler | None = None) -> SamplingRow:
         row = self.sampling_row
         if row is None:
             row = self.sampling_row = SamplingRow(
@@ -59,6 +61,14 @@ class RequestState:
             if suppressed != row.suppressed_token_ids:
                 row.suppressed_token_ids = suppressed
                 row.process = bool(suppressed) or p.needs_logit_processing
+        if p.structured_outputs is not None:
+            if self.grammar is None:
+                if grammars is None:
+                    raise RuntimeError("a request has structured_outputs but this runner has no grammar compiler")
+                self.grammar = grammars.matcher(p.structured_outputs)
+            self.grammar.advance(self.output_token_ids)
+            row.allowed = self.grammar.bitmask()
+            row.process = True
         return row
 
 
@@ -169,6 +179,7 @@ class ModelRunner:
         # Generators of seeded requests that were preempted: they continue the same stream when resumed.
         self._parked_generators: dict[str, torch.Generator] = {}
         self.drafter = None  # a DraftModel when speculative decoding uses one; set before sizing the KV pool
+        self.grammars: GrammarCompiler | None = None  # structured outputs; set by the engine on the sampling rank
 
     # ----------------------------------------------------------------------------- KV cache
     def determine_num_blocks(self) -> int:
@@ -378,7 +389,7 @@ class ModelRunner:
                 logits = logits[:len(sample_idx)]
         if deferred:
             if sample_idx:
-                ids = self.sampler.sample_ids(logits, [states[i].row_for_sampling() for i in sample_idx])
+                ids = self.sampler.sample_ids(logits, [states[i].row_for_sampling(self.grammars) for i in sample_idx])
                 ids = self.tp.broadcast(ids.to(torch.long).contiguous())  # the other ranks' next inputs
             else:
                 ids = torch.empty(0, dtype=torch.long, device=dev)
@@ -387,7 +398,7 @@ class ModelRunner:
                 return ModelRunnerOutput(sampled, None, None)
             return DeferredOutput(ids, sample_idx, states, len(states))
         if sample_idx:
-            rows_in = [states[i].row_for_sampling() for i in sample_idx]
+            rows_in = [states[i].row_for_sampling(self.grammars) for i in sample_idx]
             out = self.sampler(logits, rows_in)
             for j, i in enumerate(sample_idx):
                 sampled[i] = out.token_ids[j]

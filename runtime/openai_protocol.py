@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.runtime.structured_outputs import StructuredOutputsParams
+
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -225,6 +227,38 @@ def _stream_options(f: Fields, stream: bool) -> bool:
     return include
 
 
+def _structured_outputs(f: Fields) -> dict | None:
+    """vLLM's ``structured_outputs`` or OpenAI's ``response_format`` (json_object, json_schema) as the fields of a
+    ``StructuredOutputsParams``; whether the grammar compiles is the engine's check (also a 400)."""
+    fmt = f.raw("response_format")
+    spec = None
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            spec = {"json_object": True}
+        elif kind == "json_schema":
+            js = fmt.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+                raise invalid("response_format: json_schema.schema must be a JSON schema object", "response_format")
+            spec = {"json": js["schema"]}
+        elif kind != "text":
+            raise invalid(f"response_format: type must be text, json_object or json_schema, got {_short(fmt)}",
+                          "response_format")
+    so = f.raw("structured_outputs")
+    if so is not None:
+        if spec is not None:
+            raise invalid("structured_outputs: cannot be combined with a json response_format", "structured_outputs")
+        if not isinstance(so, dict):
+            raise invalid(f"structured_outputs: must be an object, got {_short(so)}", "structured_outputs")
+        spec = dict(so)
+    if spec is not None:
+        try:
+            StructuredOutputsParams.from_value(spec)
+        except (ValueError, TypeError) as e:
+            raise invalid(str(e), "response_format" if so is None else "structured_outputs") from None
+    return spec
+
+
 def _common(f: Fields, vocab_size: int, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
     stream = f.boolean("stream", False)
     n = f.integer("n", 1, 1, MAX_N)
@@ -249,6 +283,7 @@ def _common(f: Fields, vocab_size: int, max_tokens: int | None, logprobs: int | 
         logit_bias=_logit_bias(f, vocab_size),
         skip_special_tokens=f.boolean("skip_special_tokens", True),
         include_stop_str_in_output=f.boolean("include_stop_str_in_output", False),
+        structured_outputs=_structured_outputs(f),
     )
     if max_tokens is not None and sampling["min_tokens"] > max_tokens:
         raise invalid(f"min_tokens: must be <= max_tokens ({max_tokens}), got {sampling['min_tokens']}",
@@ -339,9 +374,6 @@ def parse_chat_request(body: dict, vocab_size: int) -> ChatRequest:
     if f.raw("tool_choice") not in (None, "none", "auto"):
         raise invalid("tool_choice: tool calling is not supported", "tool_choice")
     f.raw("parallel_tool_calls")
-    fmt = f.raw("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise invalid("response_format: only {'type': 'text'} is supported", "response_format")
     mct = f.integer("max_completion_tokens", None, 1, 1 << 30)
     mt = f.integer("max_tokens", None, 1, 1 << 30)
     max_tokens = mct if mct is not None else mt

@@ -16,6 +16,7 @@ import torch
 
 from pagedserve import kernels
 from pagedserve.runtime.sampling_params import SamplingParams
+from pagedserve.runtime.structured_outputs import apply_bitmasks
 
 # The model runner's pinned staging (runtime/staging.py) while it runs a step: the sampler's small per-step
 # copies (temperatures, top-k/top-p, min-p, logit bias) then come from pinned memory too, as the step's inputs do.
@@ -72,7 +73,7 @@ class SamplingRow:
     """What the sampler needs of one request for one step."""
 
     __slots__ = ("params", "generator", "prompt_token_ids", "output_token_ids", "suppressed_token_ids",
-                 "process")
+                 "process", "allowed")
 
     def __init__(
         self,
@@ -87,6 +88,8 @@ class SamplingRow:
         self.prompt_token_ids = prompt_token_ids
         self.output_token_ids = output_token_ids
         self.suppressed_token_ids = suppressed_token_ids
+        # Structured outputs: this step's allowed tokens as an int32 bitmask on the CPU (structured_outputs.py).
+        self.allowed: torch.Tensor | None = None
         # Whether the logits of this row need any processing before sampling (most rows need none).
         self.process = bool(suppressed_token_ids) or params.needs_logit_processing
 
@@ -160,6 +163,11 @@ class Sampler:
                 logits[i] = self._penalize(logits[i], row)
             if row.suppressed_token_ids:
                 logits[i, row.suppressed_token_ids] = float("-inf")
+        grammar_rows = [i for i, row in enumerate(rows) if row.allowed is not None]
+        if grammar_rows:  # last: a grammar's mask is never undone by a bias
+            if not cloned:
+                logits = logits.clone()
+            apply_bitmasks(logits, grammar_rows, [rows[i].allowed for i in grammar_rows])
         return logits
 
     def _penalize(self, row_logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:

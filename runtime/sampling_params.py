@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.runtime.structured_outputs import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -30,6 +32,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # A grammar the output must follow (JSON schema, regex, choice, Lark); a dict of its fields is accepted.
+    structured_outputs: StructuredOutputsParams | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -41,15 +45,16 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
         self._validate()
         # Read on every step by the sampler; params are not mutated after construction (clone() re-derives it).
         self.needs_logit_processing = bool(self.logit_bias) or self.needs_penalties
         # Whether sampling this request needs its previous token on the host (penalties, the min_tokens
-        # mask) or returns host data each step (logprobs): such requests turn async scheduling off while
-        # they run (engine.py).
+        # mask, a grammar) or returns host data each step (logprobs): such requests turn async scheduling off
+        # while they run (engine.py).
         self.needs_host_sync = (
             self.needs_penalties or self.min_tokens > 0 or self.logprobs is not None
-            or self.prompt_logprobs is not None
+            or self.prompt_logprobs is not None or self.structured_outputs is not None
         )
 
     @classmethod
@@ -95,6 +100,9 @@ class SamplingParams:
         )
         check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer or None")
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        if self.structured_outputs is not None:
+            check(self.min_tokens == 0, "min_tokens", "cannot be combined with structured_outputs (the grammar "
+                  "decides where the output may end)")
         if self.logit_bias:
             check(
                 all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()),

@@ -87,10 +87,18 @@ def test_engine_process_answers_like_hf_and_like_the_engine_thread(tiny, one_thr
             assert status == 200
             status, sample = server.post("/v1/completions", sampled)
             assert status == 200
-            answers[mode] = (greedy["choices"][0]["text"], [(c["text"], c["logprobs"]) for c in sample["choices"]])
+            status, structured = server.post("/v1/completions", {
+                "model": "tiny", "prompt": "x", "max_tokens": 40, "temperature": 0,
+                "structured_outputs": {"regex": "[a-c]{3}-(yes|no)"}})
+            assert status == 200 and structured["choices"][0]["finish_reason"] == "stop"
+            status, bad = server.post("/v1/completions", {"model": "tiny", "prompt": "x",
+                                                          "structured_outputs": {"regex": "[a-"}})
+            assert status == 400 and "invalid regex" in bad["error"]["message"]  # raised in the engine
+            answers[mode] = (greedy["choices"][0]["text"], [(c["text"], c["logprobs"]) for c in sample["choices"]],
+                             structured["choices"][0]["text"])
             # Queue time needs the engine's first-scheduled time, which crosses the process boundary.
-            assert server.metric("vllm:request_queue_time_seconds_count") == 2
-            assert server.metric("vllm:generation_tokens_total") == 12 + 20
+            assert server.metric("vllm:request_queue_time_seconds_count") == 3
+            assert server.metric("vllm:generation_tokens_total") == 12 + 20 + structured["usage"]["completion_tokens"]
             assert server.wait_idle_and_free()["num_steps"] > 0
         finally:
             assert server.stop() == 0

@@ -3,6 +3,8 @@ Hugging Face transformers (greedy tokens, logprobs) and the offline ``LLM`` (sam
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 import tiny_models
@@ -240,3 +242,37 @@ def test_request_ids_are_echoed(api_server):
         "Authorization": f"Bearer {API_KEY}", "X-Request-Id": "abc-123"})
     with urllib.request.urlopen(req) as resp:
         assert resp.headers["X-Request-Id"] == "abc-123"
+
+
+JSON_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "blue"]}},
+               "required": ["ok", "color"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_matches_offline_structured_outputs(client, offline):
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": JSON_SCHEMA, "strict": True}}
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=60, temperature=0,
+                                       response_format=fmt)
+    ref = offline.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=60,
+                                                structured_outputs={"json": JSON_SCHEMA}))[0].outputs[0]
+    text = r.choices[0].message.content
+    assert text == ref.text and r.choices[0].finish_reason == ref.finish_reason == "stop"
+    obj = json.loads(text)
+    assert set(obj) == {"ok", "color"} and isinstance(obj["ok"], bool) and obj["color"] in ("red", "blue")
+    # Streamed, the deltas add up to the same JSON.
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=60, temperature=0,
+                                            response_format=fmt, stream=True)
+    texts, finish, _, _ = _stream_text(stream)
+    assert texts == {0: text} and finish == {0: "stop"}
+
+
+def test_structured_outputs_choice_and_json_object_on_completions(client, offline):
+    choices = ["Paris", "Lyon", "Nice"]
+    r = client.completions.create(model="tiny", prompt=PROMPTS, max_tokens=20, temperature=0,
+                                  extra_body={"structured_outputs": {"choice": choices}})
+    ref = offline.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20,
+                                                   structured_outputs={"choice": choices}))
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [o.outputs[0].text for o in ref]
+    assert all(c.text in choices for c in r.choices)
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=60, temperature=0,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(r.choices[0].text), dict)

@@ -1,0 +1,198 @@
+"""Structured outputs: the engine's grammar-constrained greedy tokens equal a reference loop (HF transformers'
+model, an independent llguidance matcher, llguidance's own mask kernel), outputs fit their constraint where the
+unconstrained model's do not, and the grammar state survives batching, preemption, seeded sampling, async
+scheduling and tensor parallelism."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import llguidance
+import llguidance.hf
+import llguidance.torch as llt
+import pytest
+import torch
+
+from pagedserve.runtime import LLM, SamplingParams
+from pagedserve.runtime.structured_outputs import StructuredOutputsParams, apply_bitmasks
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "color": {"enum": ["red", "green", "blue"]},
+        "name": {"type": "string", "maxLength": 6},
+    },
+    "required": ["ok", "color", "name"],
+    "additionalProperties": False,
+}
+REGEX = r"[a-d]{2,4}-(yes|no)"
+CHOICES = ["alpha", "beta gamma", "delta"]
+LARK = 'start: item ("," item)*\nitem: "x" | "yy" | "zzz"'
+CONSTRAINTS = {
+    "json": {"json": SCHEMA},
+    "regex": {"regex": REGEX},
+    "choice": {"choice": CHOICES},
+    "grammar": {"grammar": LARK},
+    "json_object": {"json_object": True},
+}
+PROMPTS = ["The weather today", "Once upon a time there", "1 2 3"]
+
+
+def fits(kind: str, text: str) -> bool:
+    if kind in ("json", "json_object"):
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return False
+        if kind == "json_object":
+            return isinstance(obj, dict)
+        return (isinstance(obj, dict) and set(obj) == {"ok", "color", "name"} and isinstance(obj["ok"], bool)
+                and obj["color"] in ("red", "green", "blue") and isinstance(obj["name"], str) and len(obj["name"]) <= 6)
+    if kind == "regex":
+        return re.fullmatch(REGEX, text) is not None
+    if kind == "choice":
+        return text in CHOICES
+    return re.fullmatch(r"(x|yy|zzz)(,(x|yy|zzz))*", text) is not None
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_factory):
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    return LLM(tiny[0], device="cpu", num_kv_cache_tokens=4096, max_model_len=256)
+
+
+def reference_greedy(model, tok, prompt_ids: list[int], constraint: dict, eos: tuple[int, ...], max_tokens: int):
+    """HF's model, one token at a time, its logits masked by a separate llguidance matcher with llguidance's
+    own mask application; stops at EOS like the engine does."""
+    vocab = model.config.vocab_size
+    ll_tok = llguidance.hf.from_tokenizer(tok, n_vocab=vocab, eos_token=list(eos))
+    spec = StructuredOutputsParams.from_value(constraint).grammar_spec()
+    matcher = llguidance.LLMatcher(ll_tok, spec)
+    mask = llt.allocate_token_bitmask(1, vocab)
+    ids, out = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1:].float().clone()
+            llt.fill_next_token_bitmask(matcher, mask, 0)
+            llt.apply_token_bitmask_inplace(logits, mask)
+            nxt = int(logits[0].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+            if nxt in eos:
+                break
+            assert matcher.consume_token(nxt)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(CONSTRAINTS))
+def test_greedy_with_a_grammar_matches_a_reference_loop_and_fits(tiny, llm, kind):
+    _, model, tok = tiny
+    eos = llm.engine.eos_token_ids
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(temperature=0.0, max_tokens=80, structured_outputs=CONSTRAINTS[kind])
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for p, o in zip(prompts, outs, strict=True):
+        got = o.outputs[0]
+        assert got.token_ids == reference_greedy(model, tok, p, CONSTRAINTS[kind], eos, 80)
+        assert got.finish_reason == "stop", (kind, got.text)  # every constraint here is finite: EOS ends it
+        assert fits(kind, got.text), (kind, got.text)
+    # The same model without the constraint does not produce it (so the check above can fail).
+    free = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=40))
+    assert not any(fits(kind, o.outputs[0].text) for o in free)
+
+
+def test_bitmask_application_matches_llguidance(tiny):
+    _, _, tok = tiny
+    vocab = 391  # not a multiple of 32
+    ll_tok = llguidance.hf.from_tokenizer(tok, n_vocab=vocab)
+    matchers = [llguidance.LLMatcher(ll_tok, StructuredOutputsParams.from_value(c).grammar_spec())
+                for c in CONSTRAINTS.values()]
+    matchers[1].consume_tokens(tok("ab", add_special_tokens=False)["input_ids"])  # a state past the start
+    masks = llt.allocate_token_bitmask(len(matchers), vocab)
+    for i, m in enumerate(matchers):
+        llt.fill_next_token_bitmask(m, masks, i)
+    logits = torch.randn(len(matchers) + 2, vocab, generator=torch.Generator().manual_seed(0))
+    rows = [0, 2, 3, 4, 6][: len(matchers)]
+    ours = logits.clone()
+    apply_bitmasks(ours, rows, list(masks))
+    ref = logits.clone()
+    expanded = torch.full((ref.shape[0], masks.shape[1]), -1, dtype=torch.int32)  # untouched rows: all allowed
+    expanded[rows] = masks
+    llt.apply_token_bitmask_inplace(ref, expanded)
+    assert torch.equal(ours, ref)
+    assert (ours[rows] == float("-inf")).any(dim=1).all()  # every grammar forbids something
+
+
+def test_seeded_sampling_with_a_grammar_is_reproducible_and_fits(tiny, llm):
+    _, _, tok = tiny
+    params = SamplingParams(temperature=1.0, seed=11, n=3, max_tokens=30, structured_outputs={"regex": REGEX})
+    a = llm.generate(PROMPTS, params)
+    b = llm.generate(PROMPTS[::-1], params)  # another batch composition, same seeds
+    texts_a = [[c.text for c in o.outputs] for o in a]
+    texts_b = [[c.text for c in o.outputs] for o in b][::-1]
+    assert texts_a == texts_b
+    assert all(fits("regex", t) for ts in texts_a for t in ts)
+    assert len({t for ts in texts_a for t in ts}) > 1  # it does sample
+
+
+def test_grammar_state_survives_preemption_and_mixed_batches(tiny, llm):
+    _, _, tok = tiny
+    prompts = [tok(p * 3)["input_ids"] for p in PROMPTS] * 2
+    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=CONSTRAINTS[k])
+              for k in ("json", "regex", "choice", "grammar", "json_object")] + [
+              SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)]
+    alone = [llm.generate([{"prompt_token_ids": p}], sp)[0].outputs[0].token_ids
+             for p, sp in zip(prompts, params, strict=True)]
+    small = LLM(tiny[0], device="cpu", num_kv_cache_tokens=160, block_size=16, max_model_len=128,
+                max_num_batched_tokens=32)
+    together = small.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in together] == alone
+
+
+def test_async_scheduling_steps_aside_for_grammar_requests(tiny, llm):
+    _, _, tok = tiny
+    prompts = [{"prompt_token_ids": tok(p)["input_ids"]} for p in PROMPTS]
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=80, structured_outputs={"json": SCHEMA}),
+              SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)]
+    sync = llm.generate(prompts, params)
+    async_llm = LLM(tiny[0], device="cpu", num_kv_cache_tokens=4096, max_model_len=256, async_scheduling=True)
+    assert async_llm.engine.async_scheduling
+    got = async_llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in sync]
+    assert fits("json", got[1].outputs[0].text)
+
+
+def test_bad_grammars_and_speculation_are_refused_before_anything_runs(tiny, llm):
+    with pytest.raises(ValueError, match="structured_outputs: invalid regex"):
+        llm.generate(["a", "b"], [SamplingParams(), SamplingParams(structured_outputs={"regex": "(a"})])
+    assert not llm.engine.has_unfinished()  # the good prompt was not queued either
+    with pytest.raises(ValueError, match="exactly one of"):
+        SamplingParams(structured_outputs={"regex": "a", "json_object": True})
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=3, structured_outputs={"choice": ["a"]})
+    spec = LLM(tiny[0], device="cpu", num_kv_cache_tokens=1024, max_model_len=128,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="speculative decoding"):
+        spec.generate(["a"], SamplingParams(structured_outputs={"choice": ["a"]}))
+
+
+def test_tensor_parallel_grammar_outputs_match_tp1(tiny, llm):
+    _, _, tok = tiny
+    prompts = [{"prompt_token_ids": tok(p)["input_ids"]} for p in PROMPTS]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=CONSTRAINTS[k])
+              for k in ("json", "regex", "grammar")]
+    tp1 = llm.generate(prompts, params)
+    tp2 = LLM(tiny[0], device="cpu", num_kv_cache_tokens=4096, max_model_len=256, tensor_parallel_size=2)
+    try:
+        got = tp2.generate(prompts, params)
+    finally:
+        tp2.engine.shutdown()
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in tp1]
