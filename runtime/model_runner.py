@@ -61,13 +61,12 @@ class RequestState:
             if suppressed != row.suppressed_token_ids:
                 row.suppressed_token_ids = suppressed
                 row.process = bool(suppressed) or p.needs_logit_processing
-        if p.structured_outputs is not None:
+        if p.structured_outputs is not None:  # its mask comes from ModelRunner._rows (all rows' at once)
             if self.grammar is None:
                 if grammars is None:
                     raise RuntimeError("a request has structured_outputs but this runner has no grammar compiler")
                 self.grammar = grammars.matcher(p.structured_outputs)
             self.grammar.advance(self.output_token_ids)
-            row.allowed = self.grammar.bitmask()
             row.process = True
         return row
 
@@ -389,7 +388,7 @@ class ModelRunner:
                 logits = logits[:len(sample_idx)]
         if deferred:
             if sample_idx:
-                ids = self.sampler.sample_ids(logits, [states[i].row_for_sampling(self.grammars) for i in sample_idx])
+                ids = self.sampler.sample_ids(logits, self._rows([states[i] for i in sample_idx]))
                 ids = self.tp.broadcast(ids.to(torch.long).contiguous())  # the other ranks' next inputs
             else:
                 ids = torch.empty(0, dtype=torch.long, device=dev)
@@ -398,7 +397,7 @@ class ModelRunner:
                 return ModelRunnerOutput(sampled, None, None)
             return DeferredOutput(ids, sample_idx, states, len(states))
         if sample_idx:
-            rows_in = [states[i].row_for_sampling(self.grammars) for i in sample_idx]
+            rows_in = self._rows([states[i] for i in sample_idx])
             out = self.sampler(logits, rows_in)
             for j, i in enumerate(sample_idx):
                 sampled[i] = out.token_ids[j]
@@ -408,6 +407,16 @@ class ModelRunner:
                 for j, i in enumerate(sample_idx):
                     logprobs[i] = out.logprobs[j]
         return ModelRunnerOutput(sampled, logprobs, prompt_logprobs, verified)
+
+    def _rows(self, states: list[RequestState]) -> list[SamplingRow]:
+        """The sampling rows of ``states``, with this step's grammar masks (structured outputs) filled in."""
+        rows = [st.row_for_sampling(self.grammars) for st in states]
+        constrained = [j for j, st in enumerate(states) if st.grammar is not None]
+        if constrained:
+            masks = self.grammars.fill_bitmasks([states[j].grammar for j in constrained])
+            for k, j in enumerate(constrained):
+                rows[j].allowed = masks[k]
+        return rows
 
     def _remember_sampled(self, so: SchedulerOutput, sample_idx: list[int], ids: torch.Tensor) -> None:
         """Keep a deferred step's sampled ids on the device for the next step's placeholder inputs."""

@@ -112,6 +112,7 @@ class GrammarCompiler:
         self.eos_token_ids = tuple(eos_token_ids)
         self._ll_tokenizer = None
         self._checked: set[str] = set()  # grammars already validated (a batch often shares one schema)
+        self._executor = None
 
     @property
     def ll_tokenizer(self):
@@ -149,13 +150,29 @@ class GrammarCompiler:
 
         return GrammarMatcher(LLMatcher(self.ll_tokenizer, self.compile(params)), self.vocab_size)
 
+    def fill_bitmasks(self, grammars: list[GrammarMatcher]) -> torch.Tensor:
+        """The allowed next tokens of each matcher: int32 [len(grammars), words] on the CPU, bit j of word w =
+        token 32·w + j; several at once on llguidance's thread pool, outside the GIL. A broken or complete
+        matcher allows only EOS, so its request ends."""
+        from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
+
+        mask = torch.empty(len(grammars), (self.vocab_size + 31) // 32, dtype=torch.int32)
+        if len(grammars) == 1:
+            fill_next_token_bitmask(grammars[0].matcher, mask, 0)
+        else:
+            if self._executor is None:
+                from llguidance import LLExecutor
+
+                self._executor = LLExecutor()
+            fill_next_token_bitmask_par(self._executor, [(g.matcher, i) for i, g in enumerate(grammars)], mask)
+        return mask
+
 
 class GrammarMatcher:
-    """The state of one request's grammar: advanced by its output tokens, asked for the next allowed ones."""
+    """The state of one request's grammar, advanced by its output tokens (its masks: ``fill_bitmasks``)."""
 
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         self.matcher = matcher
-        self.num_words = (vocab_size + 31) // 32
         self.consumed = 0  # output tokens already given to the matcher
 
     def advance(self, output_token_ids: list[int]) -> None:
@@ -168,16 +185,6 @@ class GrammarMatcher:
                 continue  # complete (only EOS may follow; ignore_eos keeps sampling it) or broken
             if not m.consume_token(tok):
                 logger.warning("structured output: the grammar refused token %d: %s", tok, m.get_error())
-
-    def bitmask(self) -> torch.Tensor:
-        """The allowed next tokens: int32 [num_words] on the CPU, bit j of word w = token 32·w + j. A broken
-        matcher allows only EOS, so the request ends."""
-        from llguidance.torch import fill_next_token_bitmask
-
-        mask = torch.empty(1, self.num_words, dtype=torch.int32)
-        fill_next_token_bitmask(self.matcher, mask, 0)
-        return mask[0]
-
 
 def apply_bitmasks(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
     """Set to -inf, in place, every logit of ``rows`` whose token the matching bitmask does not allow."""
