@@ -338,6 +338,7 @@ class AsyncEngine:
             self.process.shutdown(timeout)
             if self._thread is not None:
                 self._thread.join(timeout)
+            self.process.close()
 
     @property
     def step_delay_s(self) -> float:
@@ -522,6 +523,10 @@ class AsyncEngine:
                 msg = proc.recv()
             except (EOFError, OSError):
                 break
+            except Exception as e:  # noqa: BLE001 - a message we cannot read: the engine is unusable
+                logger.exception("reading a message from the engine process failed")
+                self._post(self._engine_died, e, False)
+                return
             self._heartbeat = time.monotonic()
             self._post(self._on_process_message, msg)
             if msg[0] == "exit":

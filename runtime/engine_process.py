@@ -27,6 +27,7 @@ import logging
 import operator
 import os
 import pickle
+import queue
 import signal
 import socket
 import subprocess
@@ -51,7 +52,9 @@ ENGINE_BOOT = (
 class EngineProcess:
     """The server's handle on the engine process: start, wait for the load, send commands, receive results.
 
-    ``send`` is called from the event loop, ``recv`` from one reader thread; ``shutdown`` is safe to call twice.
+    ``send`` never blocks (a sender thread writes to the socket, so an engine that stops reading cannot stall the
+    event loop); ``recv`` is for one reader thread; ``shutdown`` and ``close`` are safe to call twice, from any
+    thread.
     """
 
     def __init__(self, args: EngineArgs, *, max_waiting_requests: int = 0, idle_heartbeat_s: float = 0.5,
@@ -69,9 +72,13 @@ class EngineProcess:
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
             )
         self._conn = Connection(ours.detach())
-        self._send_lock = threading.Lock()
-        self._closed = False
-        self._conn.send((args, options))
+        self._lock = threading.Lock()
+        self._closed = False  # no more commands
+        self._conn_closed = False
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox.put((args, options))
+        self._sender = threading.Thread(target=self._send_loop, name="engine-sender", daemon=True)
+        self._sender.start()
 
     @property
     def pid(self) -> int:
@@ -89,8 +96,20 @@ class EngineProcess:
         return self.info
 
     def send(self, cmd: tuple) -> None:
-        with self._send_lock:
-            self._conn.send(cmd)
+        """Queue a command for the engine; OSError once it is shut down."""
+        if self._closed:
+            raise OSError("the engine process is shut down")
+        self._outbox.put(cmd)
+
+    def _send_loop(self) -> None:
+        while True:
+            cmd = self._outbox.get()
+            if cmd is None:
+                return
+            try:
+                self._conn.send(cmd)
+            except (OSError, ValueError):  # the engine is gone (its reader on our side says why)
+                return
 
     def recv(self) -> tuple:
         return self._conn.recv()
@@ -112,19 +131,30 @@ class EngineProcess:
             self.proc.kill()
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Ask the engine to stop (it stops its tensor-parallel workers), wait up to ``timeout``, then kill."""
-        if not self._closed:
-            self._closed = True
+        """Ask the engine to stop (it stops its tensor-parallel workers first), wait up to ``timeout``, then kill
+        it. ``timeout`` 0: kill at once (a model still loading reads no command before it is done)."""
+        with self._lock:
+            first, self._closed = not self._closed, True
+        if first:
+            self._outbox.put(("shutdown",))
+            self._outbox.put(None)
+        if timeout > 0:
             try:
-                self.send(("shutdown",))
-            except OSError:
-                pass
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("the engine process did not stop within %gs: killing it", timeout)
+        self.kill()
         try:
-            self.proc.wait(max(0.0, timeout))
-        except subprocess.TimeoutExpired:
-            logger.warning("the engine process did not stop within %gs: killing it", timeout)
-            self.proc.kill()
             self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            logger.error("the engine process (pid %d) did not die within 10s of SIGKILL", self.proc.pid)
+
+    def close(self) -> None:
+        """Close our end of the socket; call once no thread reads from it any more."""
+        with self._lock:
+            if self._conn_closed:
+                return
+            self._conn_closed = True
         self._conn.close()
 
 
@@ -179,6 +209,9 @@ def _receive(conn: Connection, loop) -> None:
             cmd = conn.recv()
         except (EOFError, OSError):  # the server closed its end: nobody is left to serve
             break
+        except Exception:  # noqa: BLE001 - a command we cannot read: stop rather than leave requests waiting
+            logger.exception("reading a command from the server failed")
+            break
         if cmd[0] == "shutdown":
             break
         loop.put(cmd)
@@ -206,7 +239,7 @@ def engine_main(conn: Connection) -> None:
     try:
         core = EngineCore(args)
     except BaseException as e:  # noqa: BLE001 - the server reports it and exits non-zero
-        logger.error("the model failed to load: %s", e)
+        logger.debug("the model failed to load", exc_info=True)
         conn.send(("failed", _picklable(e)))
         conn.close()
         logging.shutdown()

@@ -284,7 +284,13 @@ class Server:
         cfg = self.config
         try:
             if self._core is None and cfg.engine_process:
-                engine = await _in_daemon_thread(self._start_engine_process)
+                from pagedserve.runtime.engine_process import EngineProcess
+
+                # Started here, on the event loop, so a stop while it loads always finds it (run_server).
+                proc = self.engine_process = EngineProcess(
+                    EngineArgs.from_kwargs(cfg.model, **cfg.engine_kwargs),
+                    max_waiting_requests=cfg.max_waiting_requests, step_delay_s=cfg.debug_step_delay)
+                engine = await _in_daemon_thread(lambda: self._wait_engine_process(proc))
             else:
                 core = self._core or await _in_daemon_thread(
                     lambda: EngineCore(EngineArgs.from_kwargs(cfg.model, **cfg.engine_kwargs))
@@ -321,20 +327,17 @@ class Server:
                    "kv_cache_blocks": info.num_blocks, "block_size": info.block_size},
         )
 
-    def _start_engine_process(self) -> AsyncEngine:
-        """(In a loader thread.) Start the engine process, load the tokenizer here meanwhile, wait for the model."""
-        from pagedserve.runtime.engine_process import EngineProcess
+    def _wait_engine_process(self, proc) -> AsyncEngine:
+        """(In a loader thread.) Load the tokenizer here while the engine process loads the model; wait for it."""
         from pagedserve.runtime.loader import load_model_source
 
         cfg = self.config
-        args = EngineArgs.from_kwargs(cfg.model, **cfg.engine_kwargs)
-        proc = self.engine_process = EngineProcess(
-            args, max_waiting_requests=cfg.max_waiting_requests, step_delay_s=cfg.debug_step_delay)
         try:
             tokenizer = load_model_source(cfg.model).tokenizer
             proc.wait_ready()
         except BaseException:
-            proc.shutdown(5.0)
+            proc.shutdown(0.0)
+            proc.close()
             raise
         return AsyncEngine(
             process=proc, tokenizer=tokenizer, max_waiting_requests=cfg.max_waiting_requests,
@@ -399,8 +402,8 @@ async def run_server(
     await runner.cleanup()
     if server.engine is not None:
         server.engine.shutdown()
-    elif server.engine_process is not None:  # stopped while the model was loading
-        server.engine_process.shutdown(0.0)
+    elif server.engine_process is not None:  # stopped while the model was loading: kill the engine (its
+        server.engine_process.shutdown(0.0)  # workers follow); the loader thread, woken by that, closes the socket
     logger.info("stopped", extra={"exit_code": code})
     return code
 

@@ -244,3 +244,48 @@ def test_sigterm_with_either_engine_leaves_no_process(tiny, tmp_path, flag):
         assert ("engine process pid" in log) == (flag == "--engine-process")
     finally:
         server.kill()
+
+
+def test_a_stopped_engine_under_a_burst_of_requests_never_stalls_the_server(tiny, one_thread):
+    # 300 requests of 250 tokens pickle to more than the socket buffer holds: the event loop must not block on
+    # the socket while the engine reads nothing.
+    server = _server(tiny, engine_hang_timeout=3.0, max_request_body_bytes=1 << 20)
+    pid = server.engine.process.pid
+    prompt = list(range(3, 253))
+    try:
+        async def scenario():
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                async def one():
+                    async with session.post(server.url("/v1/completions"), headers=AUTH, json={
+                            "model": "tiny", "prompt": prompt, "max_tokens": 2, "ignore_eos": True}) as r:
+                        return r.status
+                os.kill(pid, signal.SIGSTOP)
+                tasks = [asyncio.create_task(one()) for _ in range(300)]
+                await asyncio.sleep(4.0)
+                backlog = server.engine.process._outbox.qsize()
+                t0 = time.monotonic()
+                async with aiohttp.ClientSession() as probe, probe.get(
+                        server.url("/health"), timeout=aiohttp.ClientTimeout(total=5)) as h:
+                    health = h.status, await h.json(), time.monotonic() - t0
+                os.kill(pid, signal.SIGCONT)
+                return backlog, health, await asyncio.gather(*tasks)
+
+        backlog, (status, body, took), statuses = asyncio.run(asyncio.wait_for(scenario(), 120))
+        assert backlog > 0  # commands were waiting for the stopped engine: a blocking send would have hung here
+        assert status == 503 and "no progress" in body["reason"] and took < 2.0
+        # Requests that came while the engine was considered alive were queued and are served after SIGCONT;
+        # later ones were refused with 503 (engine down). None is lost or left hanging.
+        assert set(statuses) <= {200, 503} and statuses.count(200) > 100, statuses
+        server.wait_until(lambda: server.get("/health")[0] == 200, 10, "/health 200")
+        server.wait_idle_and_free()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        assert server.stop() == 0
+
+
+def test_stopping_while_the_engine_process_loads_leaves_no_process(tiny, one_thread):
+    server = InProcessServer(tiny[0], load_in_server=True, engine_process=True, engine_kwargs=ENGINE).launch()
+    proc = server.wait_until(lambda: server.server.engine_process, 30, "the engine process to start")
+    assert proc.info is None  # still loading
+    assert server.stop() == 0
+    assert _wait_gone([proc.pid], 10) == []
