@@ -205,7 +205,9 @@ class EngineLoop:
         try:
             for req in reqs:
                 self.core.add_request(req)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - a request the engine cannot take fails alone (ValueError: a 400)
+            if not isinstance(e, ValueError):
+                logger.exception("admitting a request failed")
             self.core.abort_requests([r.request_id for r in reqs])
             self.sink.admitted(token, e)
             return

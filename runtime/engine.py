@@ -160,6 +160,7 @@ class EngineCore:
         self.proposer = self._make_proposer(self.spec_config)
         self.eos_token_ids = self.source.eos_token_ids
         self.grammars = GrammarCompiler(self.source.tokenizer, cfg.vocab_size, self.eos_token_ids)
+        self.grammars.prepare()
         self.runner.grammars = self.grammars
         self.async_scheduling = self._resolve_async_scheduling(args)
         self._inflight: tuple = ()  # (SchedulerOutput, DeferredOutput) of the step still on the device

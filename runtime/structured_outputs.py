@@ -26,10 +26,9 @@ import torch
 logger = logging.getLogger("pagedserve.structured_outputs")
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
-# JSON as json.dumps writes it (", " and ": ", no other whitespace): with any whitespace allowed, a weak model
-# can spend its whole budget on newlines inside an object (vLLM's guided-decoding option
-# disable_any_whitespace exists for the same reason).
-_JSON_DEFAULTS = {"whitespace_flexible": False}
+# JSON without whitespace between its tokens unless disable_any_whitespace is false: with any whitespace allowed,
+# a weak model can spend its whole budget on newlines inside an object. (vLLM allows whitespace by default and
+# has disable_any_whitespace for this; we default the other way.)
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None  # Lark syntax (llguidance's dialect)
     json_object: bool | None = None  # any JSON object
+    disable_any_whitespace: bool = True  # JSON: no whitespace between tokens (vLLM's option; its default is False)
 
     def __post_init__(self) -> None:
         given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
@@ -69,6 +69,8 @@ class StructuredOutputsParams:
             raise ValueError("structured_outputs: grammar must be a non-empty Lark grammar")
         if self.json_object not in (None, True, False):
             raise ValueError("structured_outputs: json_object must be true")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError("structured_outputs: disable_any_whitespace must be true or false")
 
     @classmethod
     def from_value(cls, value: Any) -> StructuredOutputsParams | None:
@@ -77,10 +79,10 @@ class StructuredOutputsParams:
             return value
         if not isinstance(value, dict):
             raise ValueError(f"structured_outputs: must be an object, got {type(value).__name__}")
-        unknown = sorted(set(value) - set(_KINDS))
+        unknown = sorted(set(value) - set(_KINDS) - {"disable_any_whitespace"})
         if unknown:
             raise ValueError(f"structured_outputs: unknown key(s) {', '.join(unknown)}; "
-                             f"expected one of {', '.join(_KINDS)}")
+                             f"expected one of {', '.join(_KINDS)} (and disable_any_whitespace)")
         return cls(**value)
 
     @property
@@ -91,11 +93,12 @@ class StructuredOutputsParams:
         """The constraint as an llguidance grammar."""
         from llguidance import LLMatcher
 
+        defaults = {"whitespace_flexible": not self.disable_any_whitespace}
         if self.json is not None:
             schema = json.loads(self.json) if isinstance(self.json, str) else self.json
-            return LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_DEFAULTS)
+            return LLMatcher.grammar_from_json_schema(schema, defaults=defaults)
         if self.json_object:
-            return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_DEFAULTS)
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=defaults)
         if self.regex is not None:
             return LLMatcher.grammar_from_regex(self.regex)
         if self.choice is not None:
@@ -113,22 +116,40 @@ class GrammarCompiler:
         self._ll_tokenizer = None
         self._checked: set[str] = set()  # grammars already validated (a batch often shares one schema)
         self._executor = None
+        self._unavailable: str | None = None  # why structured outputs cannot run here, once known
+
+    def prepare(self) -> None:
+        """Build the tokenizer's llguidance form now (about a second for a 50k vocabulary on a slow core) rather
+        than in the first constrained request. A tokenizer llguidance cannot take (or no llguidance) does not stop
+        the engine: constrained requests then get a 400 that says why."""
+        try:
+            self.ll_tokenizer  # noqa: B018
+        except ValueError as e:
+            logger.warning("%s; plain requests are served as usual", e)
 
     @property
     def ll_tokenizer(self):
         if self._ll_tokenizer is None:
+            if self._unavailable is not None:
+                raise ValueError(self._unavailable)
             try:
                 import llguidance.hf
-            except ImportError as e:
-                raise ValueError(
-                    "structured_outputs: this server was installed without llguidance (pip install llguidance)"
-                ) from e
-            eos = list(self.eos_token_ids) or None
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=eos)
+
+                eos = list(self.eos_token_ids) or None
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
+                                                                  eos_token=eos)
+            except ImportError:
+                self._unavailable = ("structured_outputs: not available: this server was installed without "
+                                     "llguidance (pip install llguidance)")
+                raise ValueError(self._unavailable) from None
+            except Exception as e:  # noqa: BLE001 - e.g. a tokenizer with more entries than the model's vocabulary
+                self._unavailable = f"structured_outputs: not available for this model's tokenizer: {e}"
+                raise ValueError(self._unavailable) from None
         return self._ll_tokenizer
 
     def compile(self, params: StructuredOutputsParams) -> str:
         """The grammar, checked against the tokenizer; ValueError naming the problem if it cannot be used."""
+        tokenizer = self.ll_tokenizer  # ValueError when structured outputs are not available at all
         from llguidance import LLMatcher
 
         try:
@@ -137,7 +158,10 @@ class GrammarCompiler:
             raise ValueError(f"structured_outputs: invalid {params.kind}: {e}") from None
         if spec in self._checked:
             return spec
-        error = LLMatcher.validate_grammar(spec, self.ll_tokenizer)
+        try:
+            error = LLMatcher.validate_grammar(spec, tokenizer)
+        except Exception as e:  # noqa: BLE001 - whatever the grammar engine raises is the grammar's fault
+            error = f"{type(e).__name__}: {e}"
         if error:
             raise ValueError(f"structured_outputs: invalid {params.kind}: {error.strip().splitlines()[0]}")
         if len(self._checked) >= 1024:

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
-import llguidance
-import llguidance.hf
-import llguidance.torch as llt
 import pytest
 import torch
 
-from pagedserve.runtime import LLM, SamplingParams
-from pagedserve.runtime.structured_outputs import StructuredOutputsParams, apply_bitmasks
+pytest.importorskip("llguidance")
+import llguidance  # noqa: E402
+import llguidance.hf  # noqa: E402
+import llguidance.torch as llt  # noqa: E402
+
+from pagedserve.runtime import LLM, SamplingParams  # noqa: E402
+from pagedserve.runtime.structured_outputs import StructuredOutputsParams, apply_bitmasks  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -196,3 +199,38 @@ def test_tensor_parallel_grammar_outputs_match_tp1(tiny, llm):
     finally:
         tp2.engine.shutdown()
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in tp1]
+
+
+def test_a_complete_grammar_with_ignore_eos_repeats_eos_until_the_length(tiny, llm):
+    eos = llm.engine.eos_token_ids
+    out = llm.generate(["hello"], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                                                 structured_outputs={"choice": CHOICES}))[0].outputs[0]
+    first_eos = next(i for i, t in enumerate(out.token_ids) if t in eos)
+    assert all(t in eos for t in out.token_ids[first_eos:]) and out.finish_reason == "length"
+    assert out.text in CHOICES
+
+
+def test_a_model_vocabulary_wider_than_the_tokenizer_never_yields_padding_ids(tiny_model_factory):
+    path, _, tok = tiny_model_factory("llama", vocab_size=448)  # 64 embedding rows no token maps to
+    llm = LLM(path, device="cpu", num_kv_cache_tokens=4096, max_model_len=256)
+    params = SamplingParams(temperature=1.0, seed=5, n=4, max_tokens=80, logit_bias={400: 100.0, 447: 100.0},
+                            structured_outputs={"json": SCHEMA})
+    for o in llm.generate(PROMPTS, params):
+        for c in o.outputs:
+            assert max(c.token_ids) < len(tok) and fits("json", c.text), c.text
+
+
+def test_structured_outputs_unavailable_fail_the_request_not_the_engine(tiny, tiny_model_factory, monkeypatch):
+    # A tokenizer with more entries than the model's vocabulary: llguidance refuses it; the engine still starts.
+    path, _, tok = tiny_model_factory("llama", vocab_size=380)
+    narrow = LLM(path, device="cpu", num_kv_cache_tokens=1024, max_model_len=128)
+    with pytest.raises(ValueError, match="structured_outputs: not available for this model's tokenizer"):
+        narrow.generate(["a"], SamplingParams(structured_outputs={"choice": ["a"]}))
+    assert narrow.generate(["a"], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids
+    # No llguidance installed (the GPU image has none): same, with the reason.
+    for name in [m for m in sys.modules if m == "llguidance" or m.startswith("llguidance.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    bare = LLM(tiny[0], device="cpu", num_kv_cache_tokens=1024, max_model_len=128)
+    with pytest.raises(ValueError, match="installed without llguidance"):
+        bare.generate(["a"], SamplingParams(structured_outputs={"regex": "a+"}))
+    assert bare.generate(["a"], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids

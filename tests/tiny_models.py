@@ -85,7 +85,7 @@ def build_model_dir(path: str, arch: str = "llama", seed: int = 0, max_shard_siz
 
     os.makedirs(path, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = make_config(arch, len(tokenizer), **overrides)
+    config = make_config(arch, overrides.pop("vocab_size", len(tokenizer)), **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     with torch.no_grad():
