@@ -99,6 +99,20 @@ class _Client:
         return self.wait_until(check, timeout, "the engine to be idle with every KV block free")
 
 
+def assert_engine_dead(server: _Client, stream_lines: list[bytes], cause: str, health_reason: str) -> None:
+    """After the engine died under a stream: the stream ended with an ``engine_dead`` error naming ``cause``,
+    liveness and readiness fail (liveness saying ``health_reason``), and new requests get 503 ``engine_dead``."""
+    assert stream_lines[-1] == b"data: [DONE]"
+    error = json.loads(stream_lines[-2][6:])["error"]
+    assert error["code"] == "engine_dead" and cause in error["message"]
+    status, health = server.get("/health")
+    assert status == 503 and health_reason in health["reason"]
+    assert server.get("/ready")[0] == 503
+    status, body = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4})
+    assert status == 503 and body["error"]["code"] == "engine_dead" and cause in body["error"]["message"]
+    assert server.metric("pagedserve_engine_alive") == 0
+
+
 def make_core(model_path: str, **engine_kwargs) -> EngineCore:
     kw = dict(device="cpu", num_kv_cache_tokens=4096, max_model_len=256)
     kw.update(engine_kwargs)

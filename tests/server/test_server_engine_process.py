@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 import tiny_models
-from server_harness import API_KEY, InProcessServer, SubprocessServer
+from server_harness import API_KEY, InProcessServer, SubprocessServer, assert_engine_dead
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ENGINE = {"device": "cpu", "num_kv_cache_tokens": 4096, "max_model_len": 256}
@@ -146,15 +146,7 @@ def test_a_killed_engine_process_fails_health_and_requests(tiny, one_thread):
                 return [line.strip() async for line in resp.content if line.strip()]
 
         lines = asyncio.run(asyncio.wait_for(stream_then_kill(), 30))
-        assert lines[-1] == b"data: [DONE]"
-        error = json.loads(lines[-2][6:])["error"]
-        assert error["code"] == "engine_dead" and "SIGKILL" in error["message"]
-        status, health = server.get("/health")
-        assert status == 503 and "SIGKILL" in health["reason"]
-        assert server.get("/ready")[0] == 503
-        status, body = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4})
-        assert status == 503 and body["error"]["code"] == "engine_dead"
-        assert server.metric("pagedserve_engine_alive") == 0
+        assert_engine_dead(server, lines, "SIGKILL", "SIGKILL")
     finally:
         assert server.stop() == 0
 

@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 import tiny_models
-from server_harness import API_KEY, InProcessServer, SubprocessServer, make_core
+from server_harness import API_KEY, InProcessServer, SubprocessServer, assert_engine_dead, make_core
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -128,17 +128,7 @@ def test_health_fails_when_the_engine_loop_dies_and_requests_get_errors(tiny, on
                 return [line.strip() async for line in resp.content if line.strip()]
 
         lines = asyncio.run(asyncio.wait_for(stream_then_break(), 30))
-        assert lines[-1] == b"data: [DONE]"
-        error = json.loads(lines[-2][6:])["error"]
-        assert error["code"] == "engine_dead" and "illegal memory access" in error["message"]
-        status, body = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4})
-        assert status == 503 and "illegal memory access" in body["error"]["message"]
-        status, health = server.get("/health")
-        assert status == 503 and "engine loop died" in health["reason"]
-        assert server.get("/ready")[0] == 503
-        status, body = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4})
-        assert status == 503 and body["error"]["code"] == "engine_dead"
-        assert server.metric("pagedserve_engine_alive") == 0
+        assert_engine_dead(server, lines, "illegal memory access", "engine loop died")
     finally:
         assert server.stop() == 0
 
