@@ -151,15 +151,18 @@ def wait_tp_switched(cluster: Cluster, namespace: str, name: str, old_tp: int, n
     return obj
 
 
-def chat(base_url: str, model: str, question: str, max_tokens: int = 32, timeout_s: float = 60) -> str:
-    """One greedy chat completion with the OpenAI client."""
+def chat(base_url: str, model: str, question: str, max_tokens: int = 32, timeout_s: float = 60,
+         response_format: dict | None = None) -> str:
+    """One greedy chat completion with the OpenAI client (``response_format``: OpenAI's, e.g. a JSON schema)."""
     import openai
 
     # A client (so a connection) per call: a Service connection stays with one pod for its lifetime.
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=timeout_s, max_retries=0)
+    extra = {} if response_format is None else {"response_format": response_format}
     try:
         reply = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": question}], temperature=0.0, max_tokens=max_tokens,
+            **extra,
         )
     finally:
         client.close()

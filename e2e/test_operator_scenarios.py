@@ -17,7 +17,7 @@ import pytest
 
 from e2e import product
 from e2e.cluster.client import Cluster, container_pid, wait_for
-from e2e.cluster.daemons import alive
+from e2e.cluster.daemons import alive, descendants
 
 QUESTION = "What is the capital of France?"
 MODEL = "smollm2-135m-instruct"  # the example's served model name
@@ -172,7 +172,9 @@ def test_scenario6_killed_runtime_process_degrades_then_recovers(cluster: Cluste
 # ---------------------------------------------------------------------------------------------- scenario 4
 
 
-def test_scenario4_args_change_rolls_pods_with_zero_failed_requests(cluster: Cluster, served: str) -> None:
+def test_scenario4_args_change_rolls_pods_with_zero_failed_requests(
+    cluster: Cluster, served: str, offline_answer: str
+) -> None:
     product.wait_phase(cluster, served, NAME, "Ready", ready_replicas=1)
     old_pods = {p["metadata"]["name"] for p in runtime_pods(cluster, served)}
     url = cluster.service_url(served, NAME)
@@ -193,7 +195,7 @@ def test_scenario4_args_change_rolls_pods_with_zero_failed_requests(cluster: Clu
     try:
         time.sleep(2)
         cluster.kubectl("patch", "llmd", NAME, "-n", served, "--type=merge",
-                        "-p", json.dumps({"spec": {"args": ["--engine-hang-timeout", "120"]}}))
+                        "-p", json.dumps({"spec": {"args": ["--engine-process", "--engine-hang-timeout", "120"]}}))
         product.wait_phase(cluster, served, NAME, "Ready", ready_replicas=1, timeout_s=180)
         wait_for(lambda: not ({p["metadata"]["name"] for p in cluster.pods(served, SELECTOR)} & old_pods), 90,
                  "the old pod to be gone")  # fmt: skip
@@ -202,10 +204,19 @@ def test_scenario4_args_change_rolls_pods_with_zero_failed_requests(cluster: Clu
         stop.set()
         worker.join()
     (pod,) = runtime_pods(cluster, served)
-    assert pod["spec"]["containers"][0]["args"][-2:] == ["--engine-hang-timeout", "120"]
+    assert pod["spec"]["containers"][0]["args"][-3:] == ["--engine-process", "--engine-hang-timeout", "120"]
     failures = [r for r in results if r != "ok"]
     assert len(results) >= 5 and not failures, f"{len(failures)} of {len(results)} failed: {failures[:3]}"
-    print(f"\nscenario 4: {len(results)} requests during the rollout, none failed")
+    # The new pod runs its engine core in a process of its own, answers as the offline engine does, and keeps
+    # a JSON schema (structured outputs) through the Service.
+    assert len(descendants(container_pid(pod))) >= 1
+    assert product.chat(url, MODEL, QUESTION) == offline_answer
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}},
+              "required": ["city"], "additionalProperties": False}
+    text = product.chat(url, MODEL, QUESTION, max_tokens=64,
+                        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    assert list(json.loads(text)) == ["city"], text
+    print(f"\nscenario 4: {len(results)} requests during the rollout, none failed; structured answer {text}")
 
 
 # ---------------------------------------------------------------------------------------------- scenario 8
@@ -215,6 +226,7 @@ def test_scenario8_deleting_the_llmdeployment_removes_every_child_and_process(cl
     product.wait_phase(cluster, served, NAME, "Ready", ready_replicas=1)
     pids = [container_pid(p) for p in runtime_pods(cluster, served)]
     assert pids and all(alive(pid) for pid in pids)
+    pids += [child for pid in pids for child in descendants(pid)]  # the engine process (scenario 4's --engine-process)
     uid = product.llmd(cluster, served, NAME)["metadata"]["uid"]
 
     started = time.monotonic()
