@@ -246,3 +246,32 @@ def test_structured_outputs_unavailable_fail_the_request_not_the_engine(tiny, ti
     with pytest.raises(ValueError, match="installed without llguidance"):
         bare.generate(["a"], SamplingParams(structured_outputs={"regex": "a+"}))
     assert bare.generate(["a"], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids
+
+
+def test_a_grammar_request_joining_while_a_deferred_step_is_in_flight(tiny, llm):
+    from test_async_scheduling import drive, spy_deferred
+    from tiny_models import hf_greedy
+
+    path, hf, tok = tiny
+    eng_llm = LLM(path, device="cpu", num_kv_cache_tokens=4096, max_model_len=256, async_scheduling=True)
+    calls = spy_deferred(eng_llm)
+    eng = eng_llm.engine
+    plain = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    for i, p in enumerate(prompts[:2]):
+        eng.add_request(eng.make_request(f"p{i}", p, plain))
+    out: dict[str, list[int]] = {}
+    drive(eng, 4, out)
+    assert calls[-1]  # a deferred step is on the device now
+    constrained = SamplingParams(temperature=0.0, max_tokens=80, structured_outputs={"json": SCHEMA})
+    eng.add_request(eng.make_request("s", prompts[2], constrained))
+    n_before = len(calls)
+    while "s" in eng.scheduler.requests:
+        drive(eng, 1, out)
+    assert not any(calls[n_before:])  # synchronous while the grammar request lives
+    while eng.has_unfinished():
+        drive(eng, 1, out)
+    assert out["p0"] == hf_greedy(hf, prompts[0], 30) and out["p1"] == hf_greedy(hf, prompts[1], 30)
+    alone = llm.generate([{"prompt_token_ids": prompts[2]}], constrained)[0].outputs[0]
+    assert out["s"] == alone.token_ids and fits("json", alone.text)
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks
